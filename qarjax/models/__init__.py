@@ -1,0 +1,39 @@
+"""Model registry: Flax NNX image classifiers chosen by name.
+
+Every model is called as ``model(images, train=..., rngs=...)`` on normalized NHWC floats and
+returns float32 logits; ``dtype`` sets the compute precision (e.g. bfloat16) while parameters
+stay float32. Dropout draws its randomness from the ``rngs`` passed at call time, so the train
+step owns all randomness and a resumed run repeats it exactly.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qarjax.errors import ConfigError
+from qarjax.models.alexnet import AlexNetCifar
+from qarjax.models.cnn_small import SmallCNN
+from qarjax.models.vgg import VGG16Cifar
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "alexnet": AlexNetCifar,
+    "vgg16": VGG16Cifar,
+    "cnn_small": SmallCNN,
+}
+
+
+def create_model(
+    name: str, *, num_classes: int, seed: int = 0, dtype=jnp.float32, dropout: float | None = None
+) -> nnx.Module:
+    """Builds the named model with parameters drawn from `seed`."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
+    kwargs = {} if dropout is None else {"dropout": dropout}
+    return MODELS[name](num_classes=num_classes, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalars in the model's trainable nnx.Param variables."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -1,0 +1,27 @@
+"""A small CNN for CPU demos and tests (about 0.36M parameters).
+
+conv 32@3x3 + BN, pool, conv 64@3x3 + BN, pool, conv 128@3x3 + BN, pool, dense 128, dense
+num_classes.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qarjax.models.layers import ConvBlock, dense, max_pool
+
+
+class SmallCNN(nnx.Module):
+    def __init__(self, *, num_classes: int, dtype=jnp.float32, dropout: float = 0.0, rngs: nnx.Rngs):
+        conv = lambda cin, cout: ConvBlock(cin, cout, 3, batch_norm=True, dtype=dtype, rngs=rngs)
+        self.conv1, self.conv2, self.conv3 = conv(3, 32), conv(32, 64), conv(64, 128)
+        self.fc1 = dense(4 * 4 * 128, 128, dtype=dtype, rngs=rngs)
+        self.fc2 = dense(128, num_classes, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        x = max_pool(self.conv1(x, train=train))
+        x = max_pool(self.conv2(x, train=train))
+        x = max_pool(self.conv3(x, train=train)).reshape(x.shape[0], -1)
+        x = self.dropout(jax.nn.relu(self.fc1(x)), deterministic=not train, rngs=rngs)
+        return self.fc2(x).astype(jnp.float32)

@@ -1,0 +1,36 @@
+"""VGG16 with batch norm for 32x32 CIFAR images.
+
+13 conv 3x3 layers with batch norm (64, 64, M, 128, 128, M, 256 x3, M, 512 x3, M, 512 x3, M),
+then dense 512, dense 512, dense num_classes, with dropout before the hidden dense layers.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qarjax.models.layers import ConvBlock, dense, max_pool
+
+VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16Cifar(nnx.Module):
+    def __init__(self, *, num_classes: int, dtype=jnp.float32, dropout: float = 0.3, rngs: nnx.Rngs):
+        blocks, cin = [], 3
+        for item in VGG16_PLAN:
+            if item != "M":
+                blocks.append(ConvBlock(cin, item, 3, batch_norm=True, dtype=dtype, rngs=rngs))
+                cin = item
+        self.features = nnx.List(blocks) if hasattr(nnx, "List") else blocks
+        self.fc1 = dense(512, 512, dtype=dtype, rngs=rngs)
+        self.fc2 = dense(512, 512, dtype=dtype, rngs=rngs)
+        self.fc3 = dense(512, num_classes, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        blocks = iter(self.features)
+        for item in VGG16_PLAN:
+            x = max_pool(x) if item == "M" else next(blocks)(x, train=train)
+        x = x.reshape(x.shape[0], -1)
+        x = self.dropout(jax.nn.relu(self.fc1(x)), deterministic=not train, rngs=rngs)
+        x = self.dropout(jax.nn.relu(self.fc2(x)), deterministic=not train, rngs=rngs)
+        return self.fc3(x).astype(jnp.float32)
