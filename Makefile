@@ -29,6 +29,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check qarjax configs experiments tests
+	$(BIN)/ruff format --check qarjax configs experiments tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -37,14 +37,16 @@ def main() -> None:
                 data[m.name] = src.extractfile(m).read()
     rng = random.Random(args.seed)
     chosen = []
-    for (split, cls), names in sorted(members.items()):
+    for (split, _cls), names in sorted(members.items()):
         chosen += sorted(rng.sample(sorted(names), per_split[split]))
     with tarfile.open(args.out, "w:gz", compresslevel=9) as out:
         for name in chosen:
             info = tarfile.TarInfo(name)
             info.size, info.mtime = len(data[name]), 0
             out.addfile(info, io.BytesIO(data[name]))
-    print(f"wrote {len(chosen)} images to {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+    print(
+        f"wrote {len(chosen)} images to {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)"
+    )
 
 
 if __name__ == "__main__":

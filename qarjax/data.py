@@ -73,7 +73,9 @@ class Dataset:
         return self.train_images.reshape(-1, self.image_shape[-1]).std(0).astype(np.float32)
 
 
-def load_dataset(name: str, *, data_dir: str | None = None, cache_dir: str | None = None) -> Dataset:
+def load_dataset(
+    name: str, *, data_dir: str | None = None, cache_dir: str | None = None
+) -> Dataset:
     """Loads a dataset by name (see the module docstring for the names)."""
     if name == "cifar10_mini":
         return dataclasses.replace(_load_image_folder(MINI_ARCHIVE, cache_dir), name=name)
@@ -241,16 +243,23 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
         ) from None
     try:
         splits, info = tfds.load(
-            name, split=["train", "test"], batch_size=-1, as_supervised=True,
-            data_dir=data_dir, with_info=True,
+            name,
+            split=["train", "test"],
+            batch_size=-1,
+            as_supervised=True,
+            data_dir=data_dir,
+            with_info=True,
         )
     except Exception as e:  # tfds raises many types (network, missing builder, ...).
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"tfds could not load {name!r}: {first}") from None
     (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
     return Dataset(
-        name, np.asarray(train_x, np.uint8), np.asarray(train_y, np.int32),
-        np.asarray(test_x, np.uint8), np.asarray(test_y, np.int32),
+        name,
+        np.asarray(train_x, np.uint8),
+        np.asarray(train_y, np.int32),
+        np.asarray(test_x, np.uint8),
+        np.asarray(test_y, np.int32),
         tuple(info.features["label"].names),
     )
 

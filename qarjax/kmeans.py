@@ -10,7 +10,7 @@ scikit-learn's k-means++ reaches, and from the "companded" start (point density 
 Panter & Dite) at 1.12x. So the main start is the exact optimum of 1-D k-means on a histogram
 of the weights (dynamic programming over bin boundaries, as Ckmeans.1d.dp does over points:
 O(K B^2) vectorized work, milliseconds on a GPU), which Lloyd then refines on the weights
-themselves (for K > 256, the companded start and the plain quantiles, the better of the two). 
+themselves (for K > 256, the companded start and the plain quantiles, the better of the two).
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def _histogram_dp_start(w: jax.Array, k: int) -> jax.Array:
         return choice[j], choice[j]
 
     _, inner = jax.lax.scan(walk_back, jnp.asarray(bins, choices.dtype), choices, reverse=True)
-    edges = jnp.concatenate([jnp.zeros((1,), inner.dtype), inner, jnp.full((1,), bins, inner.dtype)])
+    edges = jnp.concatenate(
+        [jnp.zeros((1,), inner.dtype), inner, jnp.full((1,), bins, inner.dtype)]
+    )
     seg_n = c0[edges[1:]] - c0[edges[:-1]]
     seg_s = c1[edges[1:]] - c1[edges[:-1]]
     middle = (edges[1:] + edges[:-1]) / 2 - bins / 2  # where an empty segment sits

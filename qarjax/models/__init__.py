@@ -25,13 +25,25 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 
 
 def create_model(
-    name: str, *, num_classes: int, seed: int = 0, dtype=jnp.float32, dropout: float | None = None
+    name: str,
+    *,
+    num_classes: int,
+    image_shape: tuple[int, int, int] = (32, 32, 3),
+    seed: int = 0,
+    dtype=jnp.float32,
+    dropout: float | None = None,
 ) -> nnx.Module:
-    """Builds the named model with parameters drawn from `seed`."""
+    """Builds the named model for images of `image_shape` (H, W, C), params drawn from `seed`."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
     kwargs = {} if dropout is None else {"dropout": dropout}
-    return MODELS[name](num_classes=num_classes, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs)
+    return MODELS[name](
+        num_classes=num_classes,
+        image_shape=tuple(image_shape),
+        dtype=dtype,
+        rngs=nnx.Rngs(seed),
+        **kwargs,
+    )
 
 
 def count_params(model: nnx.Module) -> int:

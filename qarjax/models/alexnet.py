@@ -12,11 +12,22 @@ from qarjax.models.layers import ConvBlock, dense, max_pool
 
 
 class AlexNetCifar(nnx.Module):
-    def __init__(self, *, num_classes: int, dtype=jnp.float32, dropout: float = 0.5, rngs: nnx.Rngs):
-        conv = lambda cin, cout, k: ConvBlock(cin, cout, k, batch_norm=False, dtype=dtype, rngs=rngs)
-        self.conv1, self.conv2 = conv(3, 64, 5), conv(64, 192, 5)
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        image_shape=(32, 32, 3),
+        dtype=jnp.float32,
+        dropout: float = 0.5,
+        rngs: nnx.Rngs,
+    ):
+        h, w, channels = image_shape
+        conv = lambda cin, cout, k: ConvBlock(
+            cin, cout, k, batch_norm=False, dtype=dtype, rngs=rngs
+        )
+        self.conv1, self.conv2 = conv(channels, 64, 5), conv(64, 192, 5)
         self.conv3, self.conv4, self.conv5 = conv(192, 384, 3), conv(384, 256, 3), conv(256, 256, 3)
-        self.fc1 = dense(4 * 4 * 256, 4096, dtype=dtype, rngs=rngs)
+        self.fc1 = dense(h // 8 * (w // 8) * 256, 4096, dtype=dtype, rngs=rngs)
         self.fc2 = dense(4096, 4096, dtype=dtype, rngs=rngs)
         self.fc3 = dense(4096, num_classes, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)

@@ -12,10 +12,19 @@ from qarjax.models.layers import ConvBlock, dense, max_pool
 
 
 class SmallCNN(nnx.Module):
-    def __init__(self, *, num_classes: int, dtype=jnp.float32, dropout: float = 0.0, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        image_shape=(32, 32, 3),
+        dtype=jnp.float32,
+        dropout: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        h, w, channels = image_shape
         conv = lambda cin, cout: ConvBlock(cin, cout, 3, batch_norm=True, dtype=dtype, rngs=rngs)
-        self.conv1, self.conv2, self.conv3 = conv(3, 32), conv(32, 64), conv(64, 128)
-        self.fc1 = dense(4 * 4 * 128, 128, dtype=dtype, rngs=rngs)
+        self.conv1, self.conv2, self.conv3 = conv(channels, 32), conv(32, 64), conv(64, 128)
+        self.fc1 = dense(h // 8 * (w // 8) * 128, 128, dtype=dtype, rngs=rngs)
         self.fc2 = dense(128, num_classes, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
 

@@ -17,8 +17,14 @@ class ConvBlock(nnx.Module):
 
     def __init__(self, cin, cout, kernel, *, batch_norm, dtype, rngs):
         self.conv = nnx.Conv(
-            cin, cout, (kernel, kernel), padding="SAME", use_bias=not batch_norm,
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            cin,
+            cout,
+            (kernel, kernel),
+            padding="SAME",
+            use_bias=not batch_norm,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
         )
         self.bn = (
             nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)

@@ -10,18 +10,46 @@ from flax import nnx
 
 from qarjax.models.layers import ConvBlock, dense, max_pool
 
-VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_PLAN = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 class VGG16Cifar(nnx.Module):
-    def __init__(self, *, num_classes: int, dtype=jnp.float32, dropout: float = 0.3, rngs: nnx.Rngs):
-        blocks, cin = [], 3
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        image_shape=(32, 32, 3),
+        dtype=jnp.float32,
+        dropout: float = 0.3,
+        rngs: nnx.Rngs,
+    ):
+        h, w, channels = image_shape
+        blocks, cin = [], channels
         for item in VGG16_PLAN:
             if item != "M":
                 blocks.append(ConvBlock(cin, item, 3, batch_norm=True, dtype=dtype, rngs=rngs))
                 cin = item
         self.features = nnx.List(blocks) if hasattr(nnx, "List") else blocks
-        self.fc1 = dense(512, 512, dtype=dtype, rngs=rngs)
+        self.fc1 = dense(h // 32 * (w // 32) * 512, 512, dtype=dtype, rngs=rngs)
         self.fc2 = dense(512, 512, dtype=dtype, rngs=rngs)
         self.fc3 = dense(512, num_classes, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)

@@ -1,0 +1,35 @@
+"""AlexNet (CIFAR variant) on CIFAR-10, optionally with a quantization-aware regularizer.
+
+    qarjax train --config configs/alexnet_cifar10.py --workdir runs/alexnet \
+        --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
+    qarjax run --config configs/alexnet_cifar10.py:nearest --workdir runs/alexnet_nearest \
+        --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
+
+ARG (after the colon) picks the regularizer family (default none). `runlocal` shrinks
+everything for a CPU smoke test: configs/alexnet_cifar10.py:runlocal or :nearest,runlocal.
+"""
+
+from qarjax.config import default_config
+
+
+def get_config(arg: str | None = None):
+    parts = [p for p in (arg or "").split(",") if p]
+    config = default_config()
+    config.model = "alexnet"
+    config.dataset = "cifar10"
+    config.num_epochs = 60
+    config.batch_size = 512
+    config.optimizer = "nesterov"
+    config.learning_rate = 0.02
+    config.weight_decay = 5e-4
+    config.warmup_epochs = 2
+    config.compute_dtype = "bfloat16"
+    config.reg.family = next((p for p in parts if p != "runlocal"), "none")
+    config.reg.k = 4
+    config.reg.lam = 0.1
+    config.reg.start_epoch = 30
+    if "runlocal" in parts:
+        config.dataset = "cifar10_mini"
+        config.num_epochs, config.batch_size, config.reg.start_epoch = 2, 64, 1
+        config.compute_dtype = "float32"
+    return config

@@ -1,0 +1,56 @@
+"""Checkpoints with orbax: atomic, restored into abstract targets.
+
+Orbax writes each checkpoint into a temporary folder and renames it into place once
+complete, so a run killed mid-save leaves the previous checkpoint intact and the partial one
+is ignored on restore. A checkpoint holds the whole train state (params, representatives,
+ranges, batch statistics, optimizer state, RNG, step) plus the epoch count, so `--resume`
+continues with the same step, data order and randomness.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from qarjax.errors import QarjaxError
+
+
+class Checkpointer:
+    """Saves and restores train-state pytrees under ``workdir/checkpoints``, by epoch."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_epoch(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, epoch: int, state: Any) -> None:
+        self.manager.save(epoch, args=ocp.args.StandardSave(state))
+
+    def restore(self, target: Any, epoch: int | None = None) -> Any:
+        """Restores into the structure, dtypes and shardings of `target` (arrays or abstract)."""
+        epoch = self.latest_epoch() if epoch is None else epoch
+        if epoch is None:
+            raise QarjaxError(f"no checkpoint to resume from in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            return self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise QarjaxError(
+                f"cannot restore checkpoint {epoch} in {self.directory}: {first}"
+            ) from None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,184 @@
+"""The fit loop: epochs, evaluation, metrics, checkpoints, resume and the run summary.
+
+``fit(config, workdir)`` is what ``qarjax train`` runs, and what a notebook calls. The
+workdir holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and, at
+the end, ``summary.json``. A checkpoint is written after every ``checkpoint_every`` epochs;
+``resume=True`` continues from the latest one with the same step, data order and RNG, so the
+result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+from tqdm.auto import tqdm
+
+from qarjax.checkpoint import Checkpointer
+from qarjax.data import Dataset, load_dataset
+from qarjax.errors import QarjaxError
+from qarjax.metrics import MetricsWriter, to_python
+from qarjax.train import Trainer, TrainState
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "summary.json", "config.json")
+
+
+def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses a workdir that holds a run unless resuming or overwriting."""
+    if workdir.exists() and not workdir.is_dir():
+        raise QarjaxError(f"workdir {workdir} exists and is not a folder")
+    has_run = workdir.is_dir() and any((workdir / m).exists() for m in RUN_MARKERS)
+    if has_run and not (resume or overwrite):
+        raise QarjaxError(
+            f"workdir {workdir} already holds a run: pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    if has_run and overwrite and not resume and jax.process_index() == 0:
+        for marker in RUN_MARKERS + ("tensorboard", "report.json", "report.md"):
+            path = workdir / marker
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(to_python(payload), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns: the summary written to summary.json, the final state, the trainer."""
+
+    summary: dict
+    state: TrainState
+    trainer: Trainer
+
+
+def state_to_dict(state: TrainState) -> dict:
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def fit(
+    config,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    dataset: Dataset | None = None,
+    trainer: Trainer | None = None,
+    stop_after_epoch: int | None = None,
+) -> FitResult:
+    """Trains `config` in `workdir`; the summary is also written to summary.json.
+
+    Args:
+      config: a full config (qarjax.config.default_config() plus changes).
+      workdir: the run's folder.
+      resume: continue from the latest checkpoint in `workdir`.
+      overwrite: replace a run already in `workdir`.
+      dataset: an already loaded dataset (default: load config.dataset).
+      trainer: an already built Trainer for this config (e.g. to reuse its compiled steps).
+      stop_after_epoch: return after this epoch (for tests of interrupted runs).
+    """
+    workdir = Path(workdir).absolute()
+    prepare_workdir(workdir, resume=resume, overwrite=overwrite)
+    main_process = jax.process_index() == 0
+    if main_process:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if trainer is None:
+        dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None)
+        trainer = Trainer(config, dataset)
+    state = trainer.init_state()
+    checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    start_epoch, train_seconds = 0, 0.0
+    if resume and checkpoints.latest_epoch() is not None:
+        payload = {"state": state_to_dict(state), "epoch": 0, "train_seconds": 0.0}
+        restored = checkpoints.restore(payload)
+        state = TrainState(**restored["state"])
+        start_epoch = int(restored["epoch"])
+        train_seconds = float(restored["train_seconds"])
+    writer = MetricsWriter(workdir, enabled=main_process, tensorboard=config.tensorboard)
+    writer.truncate_after(start_epoch)
+    reg_start = int(config.reg.start_epoch)
+    test, epoch_rates = {"loss": float("nan"), "accuracy": float("nan")}, []
+    try:
+        for epoch in range(start_epoch, config.num_epochs):
+            if trainer.reg.active and epoch == reg_start:
+                state = trainer.start_regularization(state)
+            bar = tqdm(
+                total=trainer.steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                # None: tqdm shows the bar on a terminal only, so logs stay clean.
+                disable=None if (config.progress and main_process) else True,
+                leave=False,
+                unit="step",
+            )
+            began = time.perf_counter()
+            state, train = trainer.train_epoch(state, epoch, on_chunk=bar.update)
+            jax.block_until_ready(state.params)
+            seconds = time.perf_counter() - began
+            bar.close()
+            train_seconds += seconds
+            rate = trainer.steps_per_epoch * config.batch_size / seconds
+            epoch_rates.append(rate)
+            test = trainer.evaluate(state)
+            record = {
+                "epoch": epoch + 1,
+                "step": int(jax.device_get(state.step)),
+                "train": train,
+                "test": test,
+                "epoch_seconds": seconds,
+                "images_per_second": rate,
+            }
+            if trainer.reg.layers and (trainer.reg.active or config.reg.k >= 2):
+                record["layers"] = trainer.regularizer_metrics(state)
+            writer.write(record["step"], record)
+            if main_process:
+                print(
+                    f"epoch {epoch + 1}/{config.num_epochs}: train loss {train['loss']:.4f} "
+                    f"acc {train['accuracy']:.4f} | test loss {test['loss']:.4f} "
+                    f"acc {test['accuracy']:.4f} | {seconds:.1f}s, {rate:,.0f} img/s",
+                    flush=True,
+                )
+            last = epoch + 1 == config.num_epochs
+            if (epoch + 1) % config.checkpoint_every == 0 or last:
+                checkpoints.save(
+                    epoch + 1,
+                    {
+                        "state": state_to_dict(state),
+                        "epoch": epoch + 1,
+                        "train_seconds": train_seconds,
+                    },
+                )
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+    finally:
+        checkpoints.close()
+        writer.close()
+    if start_epoch >= config.num_epochs:  # resumed a finished run: report its final state
+        test = trainer.evaluate(state)
+    steady = epoch_rates[1:] or epoch_rates
+    summary = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "regularizer": config.reg.family,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "epochs": int(jax.device_get(state.step)) // trainer.steps_per_epoch,
+        "steps": int(jax.device_get(state.step)),
+        "train_seconds": train_seconds,
+        "images_per_second": sum(steady) / len(steady) if steady else float("nan"),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
+    }
+    if main_process and (stop_after_epoch is None or summary["epochs"] >= config.num_epochs):
+        write_json_atomic(workdir / "summary.json", summary)
+    return FitResult(summary, state, trainer)

@@ -1,0 +1,89 @@
+"""Metrics: one JSON line per epoch (metrics.jsonl) and TensorBoard event files.
+
+TensorBoard events are written with tensorboardX (pure Python: no TensorFlow needed). Nested
+dicts are flattened to ``a/b/c`` tags; lists (e.g. a layer's representatives) go to the JSONL
+only. Only process 0 writes, so a multi-host run logs once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_python(value: Any) -> Any:
+    """Arrays and numpy scalars -> JSON-ready Python values (NaN/inf become strings)."""
+    if isinstance(value, dict):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_python(v) for v in value]
+    if hasattr(value, "tolist"):
+        return to_python(np.asarray(value).tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict as {'a/b': value}."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "/"))
+        elif isinstance(value, numbers.Number) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+class MetricsWriter:
+    """Appends epoch metrics to ``workdir/metrics.jsonl`` and ``workdir/tensorboard``."""
+
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            except ImportError:  # Optional at run time: the JSONL still has everything.
+                self._tb = None
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drops lines for epochs > `epoch` (a resumed run redoes them)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("epoch", 0) <= epoch:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = to_python(metrics)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for tag, value in flatten(record).items():
+                self._tb.add_scalar(tag, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,341 @@
+"""Per-layer regularization: which params are regularized, how, and with what strength.
+
+`Regularization` is built once from the config and the model's parameter tree. It is plain
+frozen data plus pure methods, so the jitted train step only calls
+``reg.penalty(params, quant, consts, step, ce_of_params)`` and never knows which family runs
+("one mechanism per idea"). Its parts:
+
+  - `attach`: adds the family's variables (representatives, ranges, margins, temperatures) to
+    the model, next to each selected kernel (see `qarjax.representatives`);
+  - `initialize`: at the start epoch, fixes each layer's range [a, b] and initializes its
+    representatives / R^2 parameters from the current weights;
+  - `penalty`: sum_l lambda_l(t) R_l, with lambda following the schedule;
+  - `grid` / `metrics`: each layer's quantization grid, and the clustering metrics logged per
+    epoch (regularizer value, live representatives, mean distance to the grid relative to its
+    spacing, the grid itself).
+
+Config (``config.reg``; the defaults live in `qarjax.configs.default_reg_config`):
+  family, k, lam, k_overrides / lam_overrides ("regex=value,..."), schedule (constant or
+  warmup), warmup_epochs, start_epoch, include / exclude (regexes over param names such as
+  ``conv1/conv/kernel``), range_mode, range_lo / range_hi, init, temperature (dimensionless t:
+  tau = t h^2), reduction (sum or mean), eta (soft_min_max).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qarjax import regularizers as R
+from qarjax.errors import ConfigError
+from qarjax.kmeans import assign, kmeans_1d
+from qarjax.representatives import (
+    INIT_METHODS,
+    RANGE_MODES,
+    GridRange,
+    QuantParam,
+    Representatives,
+    grid_range,
+    init_representatives,
+)
+from qarjax.trees import Path, get_in, leaves_with_paths, path_name, set_in
+
+STATIC = ("sine", "cosine")
+DYNAMIC = ("nearest", "softmin")
+RANGE_BASELINES = ("linf", "margin", "soft_min_max")
+FAMILIES = ("none", *STATIC, *DYNAMIC, *RANGE_BASELINES, "gradient_l1")
+SCHEDULES = ("constant", "warmup")
+MAX_K = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One regularized parameter: its path in the params tree, K and lambda."""
+
+    path: Path
+    k: int
+    lam: float
+
+    @property
+    def name(self) -> str:
+        return path_name(self.path)
+
+    def var_path(self, suffix: str) -> Path:
+        """Path of this layer's extra variable, e.g. conv1/conv/kernel_reps."""
+        return self.path[:-1] + (f"{self.path[-1]}_{suffix}",)
+
+
+def parse_overrides(text: str, cast: Callable[[str], Any], what: str) -> list[tuple[str, Any]]:
+    """Parses 'regex=value,regex=value' into [(regex, value)] (first match wins)."""
+    out = []
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        if "=" not in item:
+            raise ConfigError(f"bad {what} override {item!r}: expected regex=value")
+        pattern, value = item.rsplit("=", 1)
+        try:
+            re.compile(pattern)
+            out.append((pattern, cast(value)))
+        except (re.error, ValueError) as e:
+            raise ConfigError(f"bad {what} override {item!r}: {e}") from None
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularization:
+    """The regularizer of one run: a family applied to selected layers (see module doc)."""
+
+    family: str
+    layers: tuple[LayerSpec, ...]
+    start_step: int = 0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    range_mode: str = "quantile"
+    given_range: tuple[float, float] | None = None
+    init: str = "kmeans"
+    temperature: float = 0.02
+    reduction: str = "sum"
+    eta: float = 0.01
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg, params: dict, *, steps_per_epoch: int) -> Regularization:
+        """Validates `cfg` (config.reg) and selects layers from the params tree."""
+        family = cfg.family
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown regularizer family {family!r}: choose one of {FAMILIES}")
+        _check_range("reg.k", cfg.k, 2, MAX_K)
+        _check_range("reg.lam", cfg.lam, 0.0, math.inf)
+        if cfg.temperature <= 0:
+            raise ConfigError(f"reg.temperature must be > 0, got {cfg.temperature}")
+        if cfg.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown reg.schedule {cfg.schedule!r}: choose one of {SCHEDULES}")
+        if cfg.reduction not in ("sum", "mean"):
+            raise ConfigError(f"reg.reduction must be 'sum' or 'mean', got {cfg.reduction!r}")
+        if cfg.range_mode not in RANGE_MODES:
+            raise ConfigError(
+                f"unknown reg.range_mode {cfg.range_mode!r}: choose one of {RANGE_MODES}"
+            )
+        if cfg.init not in INIT_METHODS:
+            raise ConfigError(f"unknown reg.init {cfg.init!r}: choose one of {INIT_METHODS}")
+        if cfg.start_epoch < 0 or cfg.warmup_epochs < 0:
+            raise ConfigError("reg.start_epoch and reg.warmup_epochs must be >= 0")
+        given = None
+        if cfg.range_mode == "given":
+            given = (float(cfg.range_lo), float(cfg.range_hi))
+            if not given[0] < given[1]:
+                raise ConfigError(f"reg.range_lo must be < reg.range_hi, got {given}")
+        k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
+        lam_over = parse_overrides(cfg.lam_overrides, float, "reg.lam")
+        for _, k in k_over:
+            _check_range("reg.k override", k, 2, MAX_K)
+        for _, lam in lam_over:
+            _check_range("reg.lam override", lam, 0.0, math.inf)
+        layers = select_layers(params, cfg.include, cfg.exclude)
+        specs = tuple(
+            LayerSpec(
+                path,
+                _first_match(k_over, path_name(path), cfg.k),
+                _first_match(lam_over, path_name(path), cfg.lam),
+            )
+            for path in layers
+        )
+        return cls(
+            family=family,
+            layers=specs,
+            start_step=int(cfg.start_epoch) * steps_per_epoch,
+            warmup_steps=int(cfg.warmup_epochs) * steps_per_epoch,
+            schedule=cfg.schedule,
+            range_mode=cfg.range_mode,
+            given_range=given,
+            init=cfg.init,
+            temperature=float(cfg.temperature),
+            reduction=cfg.reduction,
+            eta=float(cfg.eta),
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.family != "none"
+
+    def attach(self, model: nnx.Module) -> None:
+        """Adds this family's variables to the modules that own the selected kernels."""
+        for layer in self.layers:
+            owner = _module_at(model, layer.path[:-1])
+            leaf = layer.path[-1]
+            setattr(owner, f"{leaf}_range", GridRange(jnp.array([-1.0, 1.0], jnp.float32)))
+            if self.family in DYNAMIC:
+                reps = regularizers_grid("sine", layer.k, -1.0, 1.0)
+                setattr(owner, f"{leaf}_reps", Representatives(reps))
+            elif self.family == "margin":
+                setattr(owner, f"{leaf}_margin", QuantParam(jnp.float32(1.0)))
+            elif self.family == "soft_min_max":
+                setattr(owner, f"{leaf}_alpha", QuantParam(jnp.float32(1.0)))
+
+    # ------------------------------------------------------------------ start of regularization
+    def initialize(self, params: dict, quant: dict, consts: dict) -> tuple[dict, dict]:
+        """Fixes each layer's range and initializes its trainable quantization params."""
+        for layer in self.layers:
+            w = get_in(params, layer.path)
+            rng = grid_range(w, self.range_mode, self.given_range)
+            consts = set_in(consts, layer.var_path("range"), rng)
+            if self.family in DYNAMIC:
+                reps = init_representatives(w, layer.k, self.init, rng[0], rng[1])
+                quant = set_in(quant, layer.var_path("reps"), reps)
+            elif self.family == "margin":
+                quant = set_in(
+                    quant, layer.var_path("margin"), jnp.max(jnp.abs(w)).astype(jnp.float32)
+                )
+            elif self.family == "soft_min_max":
+                # alpha * w spans about +-5 at the start: soft extremes, not a plain mean.
+                alpha = 5.0 / jnp.maximum(jnp.max(jnp.abs(w)), 1e-12)
+                quant = set_in(quant, layer.var_path("alpha"), alpha.astype(jnp.float32))
+        return quant, consts
+
+    # ------------------------------------------------------------------ the loss term
+    def strength(self, step: jax.Array) -> jax.Array:
+        """lambda(t) / lambda: 0 before the start step, then 1 (or a linear warm-up)."""
+        step = jnp.asarray(step, jnp.float32)
+        started = (step >= self.start_step).astype(jnp.float32)
+        if self.schedule == "warmup" and self.warmup_steps > 0:
+            return started * jnp.clip((step - self.start_step + 1) / self.warmup_steps, 0.0, 1.0)
+        return started
+
+    def layer_value(self, layer: LayerSpec, w: jax.Array, quant: dict, consts: dict) -> jax.Array:
+        """The unweighted R_l of one layer."""
+        family, red = self.family, self.reduction
+        lo, hi = _range_of(layer, consts)
+        if family == "sine":
+            return R.sine(w, k=layer.k, lo=lo, hi=hi, reduction=red)
+        if family == "cosine":
+            return R.cosine(w, k=layer.k, lo=lo, hi=hi, reduction=red)
+        if family == "nearest":
+            return R.nearest(w, get_in(quant, layer.var_path("reps")), reduction=red)
+        if family == "softmin":
+            tau = self.temperature * ((hi - lo) / (layer.k - 1)) ** 2
+            return R.softmin(
+                w, get_in(quant, layer.var_path("reps")), temperature=tau, reduction=red
+            )
+        if family == "linf":
+            return R.linf(w)
+        if family == "margin":
+            return R.margin(w, get_in(quant, layer.var_path("margin")))
+        if family == "soft_min_max":
+            return R.soft_min_max(w, get_in(quant, layer.var_path("alpha")), eta=self.eta)
+        raise ValueError(f"no per-layer value for family {family!r}")
+
+    def penalty(
+        self,
+        params: dict,
+        quant: dict,
+        consts: dict,
+        step: jax.Array,
+        ce_of_params: Callable[[dict], jax.Array] | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """sum_l lambda_l(t) R_l, and the unweighted R_l per layer name."""
+        if not self.active or not self.layers:
+            return jnp.float32(0.0), {}
+        if self.family == "gradient_l1":
+            if ce_of_params is None:
+                raise ValueError("gradient_l1 needs the cross-entropy as a function of the params")
+            grads = jax.grad(ce_of_params)(params)
+            values = {s.name: jnp.sum(jnp.abs(get_in(grads, s.path))) for s in self.layers}
+        else:
+            values = {
+                s.name: self.layer_value(s, get_in(params, s.path), quant, consts)
+                for s in self.layers
+            }
+        total = sum(s.lam * values[s.name] for s in self.layers)
+        return self.strength(step) * total, values
+
+    # ------------------------------------------------------------------ grids and metrics
+    def has_grid(self) -> bool:
+        return self.family in STATIC + DYNAMIC
+
+    def grid(self, layer: LayerSpec, params: dict, quant: dict, consts: dict) -> jax.Array:
+        """The layer's sorted quantization grid: static zeros, representatives, or (for
+        families without a grid) the 1-D k-means centroids of its weights."""
+        if self.family in STATIC:
+            lo, hi = _range_of(layer, consts)
+            return regularizers_grid(self.family, layer.k, lo, hi)
+        if self.family in DYNAMIC:
+            return jnp.sort(get_in(quant, layer.var_path("reps")))
+        return kmeans_1d(get_in(params, layer.path), layer.k)
+
+    def metrics(self, params: dict, quant: dict, consts: dict) -> dict[str, dict[str, Any]]:
+        """Per layer: reg (R_l), live (grid values nearest to >= 1 weight), rel_dist (mean
+        |w - nearest grid value| / mean grid spacing) and grid (the values)."""
+        out = {}
+        for layer in self.layers:
+            w = jnp.ravel(get_in(params, layer.path))
+            grid = self.grid(layer, params, quant, consts)
+            stats = _cluster_stats(w, grid)
+            if self.family not in ("none", "gradient_l1"):
+                stats["reg"] = self.layer_value(layer, w, quant, consts)
+            out[layer.name] = stats
+        return out
+
+
+def regularizers_grid(family: str, k: int, lo, hi) -> jax.Array:
+    """The static grid of `family` (the K zeros of sine or cosine) over [lo, hi]."""
+    grid = R.cosine_grid(k, lo, hi) if family == "cosine" else R.sine_grid(k, lo, hi)
+    return jnp.asarray(grid, jnp.float32)
+
+
+@jax.jit
+def _cluster_stats(w: jax.Array, grid: jax.Array) -> dict[str, jax.Array]:
+    grid = jnp.sort(grid)
+    index = assign(w, grid)
+    spacing = (grid[-1] - grid[0]) / (grid.shape[0] - 1)
+    used = jnp.zeros(grid.shape, bool).at[index].set(True)
+    return {
+        "live": jnp.sum(used),
+        "rel_dist": jnp.mean(jnp.abs(w - grid[index])) / jnp.maximum(spacing, 1e-30),
+        "grid": grid,
+    }
+
+
+def select_layers(params: dict, include: str, exclude: str) -> list[Path]:
+    """Paths of the params whose name matches `include` (re.search) and not `exclude`."""
+    try:
+        inc = re.compile(include)
+        exc = re.compile(exclude) if exclude else None
+    except re.error as e:
+        raise ConfigError(f"bad layer regex: {e}") from None
+    chosen = [
+        path
+        for path, leaf in leaves_with_paths(params)
+        if inc.search(path_name(path))
+        and not (exc and exc.search(path_name(path)))
+        and getattr(leaf, "ndim", 0) >= 2
+    ]
+    if not chosen:
+        raise ConfigError(f"reg.include={include!r} (exclude={exclude!r}) selects no weight matrix")
+    return chosen
+
+
+def _range_of(layer: LayerSpec, consts: dict) -> tuple[jax.Array, jax.Array]:
+    rng = get_in(consts, layer.var_path("range"))
+    return rng[0], rng[1]
+
+
+def _first_match(overrides, name: str, default):
+    return next((value for pattern, value in overrides if re.search(pattern, name)), default)
+
+
+def _check_range(what: str, value, lo, hi) -> None:
+    if not (lo <= value <= hi):
+        raise ConfigError(f"{what} must be in [{lo}, {hi}], got {value}")
+
+
+def _module_at(model: nnx.Module, path: Path) -> nnx.Module:
+    node = model
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node

@@ -1,0 +1,79 @@
+"""Representatives as model parameters: the Variable types and their initialization.
+
+A regularized layer (say the kernel at ``conv1/conv/kernel``) gets, on the module that owns
+the kernel, variables named after it:
+
+  - ``kernel_reps``: `Representatives`, the K trainable cluster centres (dynamic families);
+  - ``kernel_margin`` / ``kernel_alpha``: `QuantParam` scalars for the R^2 baselines;
+  - ``kernel_range``: `GridRange`, the [lo, hi] fixed when regularization starts (not trained).
+
+`QuantParam` subclasses `nnx.Param`, so these are checkpointed with the model and appear in
+the parameter tree a user inspects, while ``nnx.split(model, QuantParam, ...)`` separates them
+so that optax can give them their own optimizer (see `qarjax.optim`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qarjax import regularizers
+from qarjax.errors import ConfigError
+from qarjax.kmeans import kmeans_1d
+
+INIT_METHODS = ("kmeans", "quantile", "uniform")
+RANGE_MODES = ("quantile", "minmax", "symmetric", "given")
+RANGE_QUANTILE = 0.001  # `quantile` range: [q_0.001(w), q_0.999(w)]
+
+
+class QuantParam(nnx.Param):
+    """A trainable quantization parameter (representatives, R^2 margin or temperature)."""
+
+
+class Representatives(QuantParam):
+    """A layer's K trainable representatives (cluster centres), shape (K,)."""
+
+
+class GridRange(nnx.Variable):
+    """A layer's grid range [lo, hi], fixed when regularization starts; shape (2,)."""
+
+
+def grid_range(w: jax.Array, mode: str = "quantile", given: tuple[float, float] | None = None):
+    """The grid range [lo, hi] of a layer's weights, as a (2,) array.
+
+    Args:
+      w: the layer's weights.
+      mode: ``quantile`` ([q_0.001, q_0.999], robust to outliers: the default), ``minmax``,
+        ``symmetric`` ([-max|w|, max|w|]) or ``given`` (use `given`).
+      given: (lo, hi) for mode ``given``.
+    """
+    w = jnp.ravel(w).astype(jnp.float32)
+    if mode == "quantile":
+        lo, hi = jnp.quantile(w, jnp.array([RANGE_QUANTILE, 1 - RANGE_QUANTILE]))
+    elif mode == "minmax":
+        lo, hi = jnp.min(w), jnp.max(w)
+    elif mode == "symmetric":
+        hi = jnp.max(jnp.abs(w))
+        lo = -hi
+    elif mode == "given":
+        if given is None:
+            raise ConfigError("range mode 'given' needs reg.range_lo and reg.range_hi")
+        lo, hi = jnp.float32(given[0]), jnp.float32(given[1])
+    else:
+        raise ConfigError(f"unknown range mode {mode!r}: choose one of {RANGE_MODES}")
+    hi = jnp.maximum(hi, lo + 1e-12)  # a constant layer still gets a valid (tiny) range
+    return jnp.stack([lo, hi])
+
+
+def init_representatives(w: jax.Array, k: int, method: str, lo, hi) -> jax.Array:
+    """K starting representatives for a layer: ``kmeans`` (1-D k-means of w, the default),
+    ``quantile`` (the K mid-bin quantiles of w) or ``uniform`` (the sine grid over [lo, hi])."""
+    w = jnp.ravel(w).astype(jnp.float32)
+    if method == "kmeans":
+        return kmeans_1d(w, k)
+    if method == "quantile":
+        return jnp.quantile(w, (jnp.arange(k) + 0.5) / k)
+    if method == "uniform":
+        return regularizers.sine_grid(k, lo, hi).astype(jnp.float32)
+    raise ConfigError(f"unknown representative init {method!r}: choose one of {INIT_METHODS}")

@@ -1,0 +1,55 @@
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from qarjax.config import default_config  # noqa: E402
+from qarjax.data import Dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    os.environ["QARJAX_CACHE"] = str(tmp_path_factory.mktemp("qarjax_cache"))
+
+
+def make_dataset(n_train=256, n_test=64, size=16, classes=4, seed=0) -> Dataset:
+    """A learnable synthetic dataset: each class is a brightness pattern plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, classes, n).astype(np.int32)
+        base = (labels[:, None, None, None] + 1) * (255 // (classes + 1))
+        noise = rng.normal(0, 20, (n, size, size, 3))
+        ramp = np.linspace(0, 40, size)[None, None, :, None] * (labels[:, None, None, None] % 2)
+        return np.clip(base + noise + ramp, 0, 255).astype(np.uint8), labels
+
+    tx, ty = split(n_train)
+    vx, vy = split(n_test)
+    return Dataset("synthetic", tx, ty, vx, vy, tuple(f"c{i}" for i in range(classes)))
+
+
+@pytest.fixture
+def tiny_config():
+    """cnn_small on 16x16 synthetic images: a full train step in well under a second."""
+    c = default_config()
+    c.model = "cnn_small"
+    c.num_epochs = 2
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.learning_rate = 0.05
+    c.warmup_epochs = 0
+    c.progress = False
+    c.tensorboard = False
+    return c
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, {jax.device_count()} devices"
