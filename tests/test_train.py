@@ -1,0 +1,110 @@
+"""The train step and fit loop: sharding, compile-once, exact resume, and bad input."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import make_dataset
+
+from qarjax.errors import ConfigError, NonFiniteLossError, QarjaxError
+from qarjax.loop import fit
+from qarjax.metrics import read_jsonl
+from qarjax.train import Trainer, make_mesh
+
+
+def _assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_training_learns(tiny_config):
+    tiny_config.num_epochs = 3
+    trainer = Trainer(tiny_config, make_dataset())
+    state = trainer.init_state()
+    before = trainer.evaluate(state)["accuracy"]
+    for epoch in range(3):
+        state, train = trainer.train_epoch(state, epoch)
+    after = trainer.evaluate(state)["accuracy"]
+    assert after > max(0.6, before + 0.2), (before, after)
+
+
+def test_sharded_step_equals_single_device_step(tiny_config):
+    assert jax.device_count() == 8
+    dataset = make_dataset()
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        trainer = Trainer(tiny_config, dataset, mesh=make_mesh(devices))
+        state, metrics = trainer.train_epoch(trainer.init_state(), 0)
+        results.append((state, metrics, trainer.evaluate(state)))
+    (s1, m1, e1), (s8, m8, e8) = results
+    assert len(s8.params["conv1"]["conv"]["kernel"].sharding.device_set) == 8
+    _assert_trees_close(s1.params, s8.params, rtol=2e-4, atol=2e-5)
+    _assert_trees_close(s1.batch_stats, s8.batch_stats, rtol=2e-4, atol=2e-5)
+    assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-4)
+    assert e1["accuracy"] == pytest.approx(e8["accuracy"], abs=1 / 64 + 1e-6)
+
+
+def test_step_compiles_once_across_epochs_and_regularization_start(tiny_config):
+    tiny_config.reg.family = "nearest"
+    tiny_config.reg.start_epoch = 1
+    trainer = Trainer(tiny_config, make_dataset())
+    state = trainer.init_state()
+    for epoch in range(3):
+        if epoch == 1:
+            state = trainer.start_regularization(state)
+        state, _ = trainer.train_epoch(state, epoch)
+    assert trainer.trace_count == 1
+
+
+def test_resume_repeats_the_uninterrupted_run(tiny_config, tmp_path):
+    tiny_config.num_epochs = 3
+    tiny_config.reg.family = "softmin"
+    tiny_config.reg.start_epoch = 1
+    tiny_config.dropout = 0.2  # dropout randomness must also repeat
+    dataset = make_dataset()
+    whole = fit(tiny_config, tmp_path / "whole", dataset=dataset)
+    fit(tiny_config, tmp_path / "split", dataset=dataset, stop_after_epoch=2)
+    assert not (tmp_path / "split" / "summary.json").exists()
+    resumed = fit(tiny_config, tmp_path / "split", dataset=dataset, resume=True)
+    _assert_trees_close(whole.state.params, resumed.state.params, rtol=1e-6, atol=1e-7)
+    _assert_trees_close(whole.state.quant, resumed.state.quant, rtol=1e-6, atol=1e-7)
+    assert resumed.summary["test_accuracy"] == whole.summary["test_accuracy"]
+    epochs = [r["epoch"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")]
+    assert epochs == [1, 2, 3]
+
+
+def test_workdir_with_a_run_is_refused_unless_resume_or_overwrite(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    dataset = make_dataset(n_train=64)
+    fit(tiny_config, tmp_path, dataset=dataset)
+    with pytest.raises(QarjaxError, match="already holds a run"):
+        fit(tiny_config, tmp_path, dataset=dataset)
+    again = fit(tiny_config, tmp_path, dataset=dataset, overwrite=True)
+    assert again.summary["epochs"] == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    dataset = make_dataset(n_train=64)
+    fit(tiny_config, tmp_path, dataset=dataset)
+    tiny_config.num_epochs = 3
+    tiny_config.learning_rate = 1e30
+    tiny_config.lr_schedule = "constant"
+    with pytest.raises(NonFiniteLossError, match="non-finite loss in epoch 2"):
+        fit(tiny_config, tmp_path, dataset=dataset, resume=True)
+    from qarjax.checkpoint import Checkpointer
+
+    assert Checkpointer(tmp_path / "checkpoints").latest_epoch() == 1
+
+
+def test_batch_must_divide_over_devices(tiny_config):
+    tiny_config.batch_size = 30
+    with pytest.raises(ConfigError, match="multiple of the 8 devices"):
+        Trainer(tiny_config, make_dataset())
+
+
+def test_summary_has_the_promised_keys(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    summary = fit(tiny_config, tmp_path, dataset=make_dataset(n_train=64)).summary
+    for key in ("test_accuracy", "test_loss", "epochs", "train_seconds", "images_per_second"):
+        assert key in summary
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "config.json").exists()
