@@ -80,7 +80,20 @@ class Trainer:
       trace_count: how many times the train chunk was traced (compiled); stays 1 across steps.
     """
 
-    def __init__(self, config, dataset: data_lib.Dataset, *, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        config,
+        dataset: data_lib.Dataset,
+        *,
+        mesh: Mesh | None = None,
+        tx: optax.GradientTransformation | None = None,
+    ):
+        """Args:
+        config: a full config (qarjax.config.default_config() plus changes).
+        dataset: the data, placed on the mesh whole.
+        mesh: the devices (default: all).
+        tx: an optimizer replacing the config's (e.g. codebook tuning, qarjax.tune).
+        """
         self.config = config
         self.dataset = dataset
         self.mesh = mesh or make_mesh()
@@ -135,7 +148,7 @@ class Trainer:
             "consts": nnx.to_pure_dict(consts),
             "batch_stats": nnx.to_pure_dict(batch_stats),
         }
-        self.tx = make_optimizer(
+        self.tx = tx or make_optimizer(
             config,
             {"params": self._initial["params"], "quant": self._initial["quant"]},
             self.steps_per_epoch,
@@ -171,15 +184,17 @@ class Trainer:
         self._norm = {"mean": self.data["mean"], "std": self.data["std"]}
 
     # ------------------------------------------------------------------ state
-    def init_state(self) -> TrainState:
-        """The initial train state, replicated over the mesh."""
-        trainable = {"params": self._initial["params"], "quant": self._initial["quant"]}
+    def init_state(self, params: dict | None = None, batch_stats: dict | None = None) -> TrainState:
+        """The initial train state (or one starting from `params`), replicated over the mesh."""
+        params = jax.device_get(self._initial["params"] if params is None else params)
+        stats = self._initial["batch_stats"] if batch_stats is None else batch_stats
+        trainable = {"params": params, "quant": self._initial["quant"]}
         state = TrainState(
             step=np.int32(0),
-            params=self._initial["params"],
+            params=params,
             quant=self._initial["quant"],
             consts=self._initial["consts"],
-            batch_stats=self._initial["batch_stats"],
+            batch_stats=jax.device_get(stats),
             opt_state=self.tx.init(trainable),
             rng=np.asarray(jax.random.key_data(jax.random.key(self.config.seed))),
         )

@@ -1,0 +1,273 @@
+"""The compression pipeline: train -> quantize -> tune -> report, as stages a notebook can
+call one by one and the CLI runs as ``qarjax quantize|tune|eval|run``.
+
+Files a run leaves in its workdir (besides the training files of qarjax.loop):
+  quantized.qarjax, quantize.json   after `quantize` (pre-tuning, with and without the
+                                    batch-norm re-estimate)
+  tuned.qarjax, tune.json           after `tune`
+  report.json, report.md, weights.png   after `run`
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from qarjax import compress
+from qarjax.checkpoint import Checkpointer
+from qarjax.data import load_dataset
+from qarjax.errors import ArtifactError, ConfigError, QarjaxError
+from qarjax.loop import FitResult, TrainState, fit, state_to_dict, write_json_atomic
+from qarjax.quantize import METHODS, layers_from_params, quantize_params
+from qarjax.regularization import DYNAMIC, STATIC, parse_overrides, select_layers
+from qarjax.report import write_report
+from qarjax.train import Trainer
+from qarjax.trees import path_name
+from qarjax.tune import codebook_adam, recompute_batch_stats
+
+
+def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
+    """(method, [(path, K)]) from config.quant, defaulting to the regularizer's layers and K."""
+    q = config.quant
+    method = q.method
+    if method == "auto":
+        method = "nearest" if config.reg.family in STATIC + DYNAMIC else "kmeans"
+    if method not in METHODS:
+        raise ConfigError(f"unknown quantization method {method!r}: choose one of {METHODS}")
+    if method == "nearest" and config.reg.family not in STATIC + DYNAMIC:
+        raise ConfigError(
+            f"method 'nearest' needs a grid: reg.family {config.reg.family!r} has none"
+        )
+    if not q.include and q.k == -1 and trainer.reg.layers:
+        return method, [(s.path, s.k) for s in trainer.reg.layers]
+    include = q.include or config.reg.include
+    exclude = q.exclude or config.reg.exclude
+    default_k = config.reg.k if q.k == -1 else q.k
+    overrides = parse_overrides(config.reg.k_overrides, int, "reg.k") if q.k == -1 else []
+    layers = []
+    for path in select_layers(trainer._initial["params"], include, exclude):
+        k = next((v for pat, v in overrides if __import__("re").search(pat, path_name(path))), None)
+        layers.append((path, k or default_k))
+    return method, layers
+
+
+def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
+    """Quantizes a trained state; evaluates before and after the batch-norm re-estimate."""
+    began = time.perf_counter()
+    method, layers = quantization_plan(trainer, config)
+    grids = None
+    if method == "nearest":
+        by_path = {s.path: s for s in trainer.reg.layers}
+        grids = {}
+        for path, _ in layers:
+            if path not in by_path:
+                raise ConfigError(f"layer {path_name(path)} was not regularized: it has no grid")
+            grids[path_name(path)] = trainer.reg.grid(
+                by_path[path], state.params, state.quant, state.consts
+            )
+    quantized, params = quantize_params(state.params, layers, method=method, grids=grids)
+    jax.block_until_ready(params)
+    quantize_seconds = time.perf_counter() - began
+    fp = trainer.evaluate(state)
+    plain = trainer.evaluate(state, params=params)
+    stats = state.batch_stats
+    if config.quant.recompute_batch_stats:
+        stats = recompute_batch_stats(
+            trainer, params, state.batch_stats, config.quant.batch_stats_batches
+        )
+    pre = trainer.evaluate(state, params=params, batch_stats=stats)
+    return {
+        "method": method,
+        "quantized": quantized,
+        "params": params,
+        "batch_stats": stats,
+        "fp_accuracy": fp["accuracy"],
+        "pre_tuning_accuracy_no_bn": plain["accuracy"],
+        "pre_tuning_accuracy": pre["accuracy"],
+        "quantize_seconds": quantize_seconds,
+    }
+
+
+def tuning_config(config):
+    cfg = copy.deepcopy(config)
+    cfg.reg.family = "none"
+    cfg.num_epochs = max(1, config.quant.tune_epochs)
+    return cfg
+
+
+def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) -> dict:
+    """Retrains the codebooks and float leftovers for config.quant.tune_epochs epochs."""
+    epochs = config.quant.tune_epochs
+    if epochs < 0:
+        raise ConfigError(f"quant.tune_epochs must be >= 0, got {epochs}")
+    lr = config.quant.tune_learning_rate
+    if not lr > 0:
+        raise ConfigError(f"quant.tune_learning_rate must be > 0, got {lr}")
+    trainer = trainer or Trainer(tuning_config(config), dataset, tx=codebook_adam(quantized, lr))
+    state = trainer.init_state(params=params, batch_stats=batch_stats)
+    before = trainer.evaluate(state)
+    losses = []
+    began = time.perf_counter()
+    for epoch in range(epochs):
+        state, metrics = trainer.train_epoch(state, epoch)
+        losses.append(metrics["ce"])
+    seconds = time.perf_counter() - began
+    after = trainer.evaluate(state)
+    return {
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "quantized": layers_from_params(state.params, quantized),
+        "pre_tuning_accuracy": before["accuracy"],
+        "post_tuning_accuracy": after["accuracy"],
+        "train_losses": losses,
+        "tune_seconds": seconds,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI stages
+
+
+def _dataset(config):
+    return load_dataset(config.dataset, data_dir=config.data_dir or None)
+
+
+def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainState]:
+    trainer = Trainer(config, dataset)
+    checkpoints = Checkpointer(workdir / "checkpoints")
+    if checkpoints.latest_epoch() is None:
+        raise QarjaxError(f"no trained run in {workdir}: run `qarjax train` first")
+    state = trainer.init_state()
+    payload = {"state": state_to_dict(state), "epoch": 0, "train_seconds": 0.0}
+    restored = checkpoints.restore(payload)
+    checkpoints.close()
+    return trainer, TrainState(**restored["state"])
+
+
+def _check_matches(artifact: compress.Artifact, config, source) -> None:
+    if artifact.config.get("model") != config.model:
+        raise ArtifactError(
+            f"{source} holds model {artifact.config.get('model')!r}, "
+            f"the config says {config.model!r}"
+        )
+
+
+def _save(path, config, params, batch_stats, quantized, metadata) -> int:
+    return compress.save(
+        path,
+        config=json.loads(config.to_json_best_effort()),
+        params=jax.device_get(params),
+        batch_stats=jax.device_get(batch_stats),
+        layers={k: jax.device_get(v) for k, v in quantized.items()},
+        metadata=metadata,
+    )
+
+
+def _evaluate_artifact(config, artifact, dataset) -> dict:
+    trainer = Trainer(tuning_config(config), dataset)
+    params = artifact.params()
+    expected = jax.tree.map(np.shape, trainer._initial["params"])
+    if jax.tree.map(np.shape, params) != expected:
+        raise ArtifactError(
+            "the compressed model's parameter shapes do not match the config's model"
+        )
+    state = trainer.init_state(params=params, batch_stats=artifact.batch_stats)
+    return trainer.evaluate(state)
+
+
+def run_pipeline(config, workdir, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """train -> quantize -> tune -> report; returns the report (also report.json)."""
+    workdir = Path(workdir).absolute()
+    summary_file = workdir / "summary.json"
+    dataset = _dataset(config)
+    began = time.perf_counter()
+    if resume and summary_file.exists():
+        trainer, state = _restore_trained(config, workdir, dataset)
+        fit_result = FitResult(json.loads(summary_file.read_text()), state, trainer)
+    else:
+        fit_result = fit(config, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
+    train_seconds = time.perf_counter() - began
+    q = quantize_stage(fit_result.trainer, fit_result.state, config)
+    _save(workdir / "quantized.qarjax", config, q["params"], q["batch_stats"], q["quantized"], {})
+    t = tune_stage(config, dataset, q["params"], q["batch_stats"], q["quantized"])
+    file_bytes = _save(
+        workdir / "tuned.qarjax", config, t["params"], t["batch_stats"], t["quantized"], {}
+    )
+    sizes = compress.size_report(jax.device_get(t["params"]), t["quantized"], file_bytes)
+    report = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "regularizer": config.reg.family,
+        "method": q["method"],
+        "k": sorted({layer.k for layer in q["quantized"].values()}),
+        "fp_accuracy": q["fp_accuracy"],
+        "pre_tuning_accuracy_no_bn": q["pre_tuning_accuracy_no_bn"],
+        "pre_tuning_accuracy": q["pre_tuning_accuracy"],
+        "post_tuning_accuracy": t["post_tuning_accuracy"],
+        "compression_ratio": sizes["compression_ratio"],
+        "huffman_compression_ratio": sizes["huffman_compression_ratio"],
+        "sizes": sizes,
+        "seconds": {
+            "train": train_seconds,
+            "quantize": q["quantize_seconds"],
+            "tune": t["tune_seconds"],
+        },
+        "tune_losses": t["train_losses"],
+    }
+    if jax.process_index() == 0:
+        write_report(workdir, report, fit_result, t["quantized"])
+    return report
+
+
+def run_command(command: str, config, args) -> None:
+    """The CLI's quantize / tune / eval / run."""
+    workdir = Path(args.workdir)
+    if command == "run":
+        r = run_pipeline(config, workdir, resume=args.resume, overwrite=args.overwrite)
+        print(
+            f"fp {r['fp_accuracy']:.4f} | pre-tuning {r['pre_tuning_accuracy']:.4f} "
+            f"(no BN re-estimate {r['pre_tuning_accuracy_no_bn']:.4f}) | post-tuning "
+            f"{r['post_tuning_accuracy']:.4f} | compression x{r['compression_ratio']:.1f} "
+            f"-> {workdir}/report.md"
+        )
+        return
+    dataset = _dataset(config)
+    if command == "quantize":
+        trainer, state = _restore_trained(config, workdir, dataset)
+        q = quantize_stage(trainer, state, config)
+        size = _save(
+            workdir / "quantized.qarjax", config, q["params"], q["batch_stats"], q["quantized"], {}
+        )
+        info = {k: v for k, v in q.items() if k not in ("quantized", "params", "batch_stats")}
+        info["file_bytes"] = size
+        write_json_atomic(workdir / "quantize.json", info)
+        print(json.dumps(info))
+    elif command == "tune":
+        source = Path(args.artifact) if args.artifact else workdir / "quantized.qarjax"
+        artifact = compress.load(source)
+        _check_matches(artifact, config, source)
+        t = tune_stage(config, dataset, artifact.params(), artifact.batch_stats, artifact.layers)
+        size = _save(
+            workdir / "tuned.qarjax", config, t["params"], t["batch_stats"], t["quantized"], {}
+        )
+        info = {k: t[k] for k in ("pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")}
+        info["file_bytes"] = size
+        write_json_atomic(workdir / "tune.json", info)
+        print(json.dumps(info))
+    elif command == "eval":
+        source = Path(args.artifact) if args.artifact else workdir / "tuned.qarjax"
+        if not args.artifact and not source.exists():
+            source = workdir / "quantized.qarjax"
+        artifact = compress.load(source)
+        _check_matches(artifact, config, source)
+        result = _evaluate_artifact(config, artifact, dataset)
+        sizes = compress.size_report(artifact.params(), artifact.layers, source.stat().st_size)
+        print(
+            json.dumps(
+                {"artifact": str(source), **result, "compression_ratio": sizes["compression_ratio"]}
+            )
+        )

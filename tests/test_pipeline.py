@@ -1,0 +1,81 @@
+"""`qarjax run | quantize | tune | eval` end to end on a tiny image folder."""
+
+import json
+
+import pytest
+from helpers import run_cli, write_image_folder
+
+pytestmark = pytest.mark.timeout(900)
+
+BASE = (
+    "--config.batch_size=16", "--config.eval_batch_size=24", "--config.num_epochs=2",
+    "--config.reg.start_epoch=1", "--config.tensorboard=False", "--config.quant.tune_epochs=1",
+    "--config.quant.batch_stats_batches=2",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    folder = write_image_folder(root / "imgs", per_class=(32, 8))
+    workdir = root / "run"
+    args = ("--config", "configs/demo.py", "--workdir", str(workdir))
+    result = run_cli("run", *args, f"--config.dataset=imagefolder:{folder}", *BASE)
+    assert result.returncode == 0, result.stderr
+    return folder, workdir, args
+
+
+def test_run_writes_the_report(trained):
+    _, workdir, _ = trained
+    report = json.loads((workdir / "report.json").read_text())
+    for key in ("fp_accuracy", "pre_tuning_accuracy", "post_tuning_accuracy", "compression_ratio"):
+        assert isinstance(report[key], float)
+    assert "pre_tuning_accuracy_no_bn" in report and report["method"] == "nearest"
+    assert report["compression_ratio"] > 10
+    for layer in report["sizes"]["layers"].values():
+        assert layer["distinct_values"] <= 4
+    for name in ("report.md", "weights.png", "quantized.qarjax", "tuned.qarjax", "summary.json"):
+        assert (workdir / name).exists(), name
+
+
+def test_quantize_tune_eval_commands(trained):
+    folder, workdir, args = trained
+    data = f"--config.dataset=imagefolder:{folder}"
+    for command in ("quantize", "tune", "eval"):
+        result = run_cli(command, *args, data, *BASE)
+        assert result.returncode == 0, (command, result.stderr)
+    info = json.loads(run_cli("eval", *args, data, *BASE).stdout.strip().splitlines()[-1])
+    assert 0 <= info["accuracy"] <= 1 and info["compression_ratio"] > 10
+    assert json.loads((workdir / "tune.json").read_text())["post_tuning_accuracy"] >= 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--config.quant.k=1",), r"K must be an integer in \[2, 65536\], got 1"),
+        (("--config.quant.k=70000",), r"K must be an integer in \[2, 65536\], got 70000"),
+        (("--config.quant.method=median",), "unknown quantization method 'median'"),
+    ],
+)
+def test_bad_quantization_config(trained, extra, message):
+    folder, _, args = trained
+    result = run_cli("quantize", *args, f"--config.dataset=imagefolder:{folder}", *BASE, *extra)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("qarjax: error: ")
+    assert __import__("re").search(message, result.stderr), result.stderr
+
+
+def test_altered_and_mismatched_artifacts(trained, tmp_path):
+    folder, workdir, args = trained
+    data = f"--config.dataset=imagefolder:{folder}"
+    altered = tmp_path / "altered.qarjax"
+    blob = bytearray((workdir / "tuned.qarjax").read_bytes())
+    blob[200] ^= 0xFF
+    altered.write_bytes(bytes(blob))
+    result = run_cli("eval", *args, data, "--artifact", str(altered))
+    assert result.returncode == 2 and "checksum mismatch" in result.stderr
+    result = run_cli(
+        "eval", "--config", "configs/demo.py", "--workdir", str(workdir), data,
+        "--config.model=alexnet", "--artifact", str(workdir / "tuned.qarjax"),
+    )  # fmt: skip
+    assert result.returncode == 2 and "holds model 'cnn_small'" in result.stderr

@@ -1,0 +1,98 @@
+"""The quantization transform, k-means quality, and codebook tuning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_dataset
+from flax import nnx
+
+from qarjax.errors import ConfigError
+from qarjax.kmeans import within_cluster_error
+from qarjax.models import create_model
+from qarjax.pipeline import quantize_stage, tune_stage
+from qarjax.quantize import distinct_values, quantize_params
+from qarjax.train import Trainer
+from qarjax.trees import get_in, leaves_with_paths, path_name
+
+
+def _params():
+    return nnx.to_pure_dict(nnx.state(create_model("cnn_small", num_classes=10), nnx.Param))
+
+
+KERNELS = [(("conv2", "conv", "kernel"), 4), (("fc1", "kernel"), 8)]
+
+
+@pytest.mark.parametrize("method", ["uniform", "kmeans", "nearest"])
+def test_each_selected_layer_has_at_most_k_values(method):
+    params = _params()
+    grids = {"conv2/conv/kernel": jnp.array([-0.1, 0.0, 0.1, 0.2]), "fc1/kernel": jnp.zeros(8)}
+    layers, deq = quantize_params(params, KERNELS, method=method, grids=grids)
+    for path, k in KERNELS:
+        assert distinct_values(get_in(deq, path)) <= k
+        assert layers[path_name(path)].indices.shape == get_in(params, path).shape
+    # Everything not selected is untouched, and the structure is the same.
+    assert jax.tree.structure(deq) == jax.tree.structure(params)
+    for path, leaf in leaves_with_paths(params):
+        if (tuple(path), 4) not in KERNELS and (tuple(path), 8) not in KERNELS:
+            np.testing.assert_array_equal(get_in(deq, path), leaf)
+
+
+def test_nearest_assigns_each_weight_to_its_nearest_grid_value():
+    params = _params()
+    grid = jnp.array([0.05, -0.05, 0.0, 0.1])  # unsorted on purpose
+    layers, deq = quantize_params(
+        params, [KERNELS[0]], method="nearest", grids={"conv2/conv/kernel": grid}
+    )
+    w = np.asarray(get_in(params, KERNELS[0][0])).ravel()
+    want = np.sort(grid)[np.argmin((w[:, None] - np.sort(grid)[None]) ** 2, axis=1)]
+    np.testing.assert_allclose(np.asarray(get_in(deq, KERNELS[0][0])).ravel(), want)
+
+
+@pytest.mark.parametrize("k", [1, 65537])
+def test_k_out_of_range(k):
+    with pytest.raises(ConfigError, match="K must be an integer in"):
+        quantize_params(_params(), [(KERNELS[0][0], k)], method="kmeans")
+
+
+def test_unknown_method():
+    with pytest.raises(ConfigError, match="unknown quantization method 'median'"):
+        quantize_params(_params(), KERNELS, method="median")
+
+
+def test_kmeans_is_no_worse_than_scikit_learn_on_every_vgg16_layer():
+    from sklearn.cluster import KMeans
+
+    model = create_model("vgg16", num_classes=10)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    kernels = [(p, 16) for p, leaf in leaves_with_paths(params) if p[-1] == "kernel"]
+    assert len(kernels) == 16
+    layers, _ = quantize_params(params, kernels, method="kmeans")
+    for path, k in kernels:
+        w = np.asarray(get_in(params, path), np.float64).ravel()
+        ours = float(
+            within_cluster_error(jnp.asarray(w, jnp.float32), layers[path_name(path)].codebook)
+        )
+        theirs = KMeans(k, n_init=1, random_state=0).fit(w.reshape(-1, 1)).inertia_
+        assert ours <= theirs * (1 + 1e-4), (path_name(path), ours, theirs)
+
+
+def test_tuning_keeps_k_values_and_lowers_the_training_loss(tiny_config):
+    tiny_config.reg.family = "none"
+    tiny_config.num_epochs = 2
+    tiny_config.quant.tune_epochs = 3
+    tiny_config.quant.tune_learning_rate = 3e-3
+    tiny_config.augment = False  # a fixed objective, so "lower" is well defined
+    dataset = make_dataset(n_train=256)
+    trainer = Trainer(tiny_config, dataset)
+    state = trainer.init_state()
+    for epoch in range(2):
+        state, _ = trainer.train_epoch(state, epoch)
+    tiny_config.quant.k = 2  # aggressive, so there is accuracy to win back
+    tiny_config.quant.include = "kernel"
+    q = quantize_stage(trainer, state, tiny_config)
+    t = tune_stage(tiny_config, dataset, q["params"], q["batch_stats"], q["quantized"])
+    for name, layer in t["quantized"].items():
+        assert distinct_values(get_in(t["params"], layer.path)) <= 2, name
+    losses = t["train_losses"]
+    assert losses[-1] < losses[0], losses
