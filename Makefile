@@ -15,7 +15,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: install
-	$(BIN)/qarjax run --config configs/demo.py --workdir runs/demo --overwrite
+	$(BIN)/python experiments/demo.py --workdir runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"

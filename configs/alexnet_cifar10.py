@@ -9,11 +9,10 @@ ARG (after the colon) picks the regularizer family (default none). `runlocal` sh
 everything for a CPU smoke test: configs/alexnet_cifar10.py:runlocal or :nearest,runlocal.
 """
 
-from qarjax.config import default_config
+from qarjax.config import apply_config_arg, default_config
 
 
 def get_config(arg: str | None = None):
-    parts = [p for p in (arg or "").split(",") if p]
     config = default_config()
     config.model = "alexnet"
     config.dataset = "cifar10"
@@ -24,12 +23,7 @@ def get_config(arg: str | None = None):
     config.weight_decay = 5e-4
     config.warmup_epochs = 2
     config.compute_dtype = "bfloat16"
-    config.reg.family = next((p for p in parts if p != "runlocal"), "none")
     config.reg.k = 4
     config.reg.lam = 0.1
     config.reg.start_epoch = 30
-    if "runlocal" in parts:
-        config.dataset = "cifar10_mini"
-        config.num_epochs, config.batch_size, config.reg.start_epoch = 2, 64, 1
-        config.compute_dtype = "float32"
-    return config
+    return apply_config_arg(config, arg)

@@ -19,6 +19,10 @@ def get_config(arg: str | None = None):
     config.warmup_epochs = 1
     config.reg.family = arg or "nearest"
     config.reg.k = 4
-    config.reg.lam = 0.1
+    # Measured on cifar10_mini (nearest, K = 4): lam 0.1 left the quantized model 8.6 points
+    # below its float accuracy, lam 0.3 6.7, lam 1.0 with a 2-epoch warm-up about 3.
+    config.reg.lam = 1.0
+    config.reg.schedule = "warmup"
+    config.reg.warmup_epochs = 2
     config.reg.start_epoch = 4
     return config

@@ -9,11 +9,10 @@ The spec's measurements used 30 plain epochs then 15 regularized ones; this defa
 60 epochs and regularizes from epoch 40. ARG picks the family; `runlocal` shrinks everything.
 """
 
-from qarjax.config import default_config
+from qarjax.config import apply_config_arg, default_config
 
 
 def get_config(arg: str | None = None):
-    parts = [p for p in (arg or "").split(",") if p]
     config = default_config()
     config.model = "vgg16"
     config.dataset = "cifar10"
@@ -25,12 +24,7 @@ def get_config(arg: str | None = None):
     config.warmup_epochs = 2
     config.label_smoothing = 0.0
     config.compute_dtype = "bfloat16"
-    config.reg.family = next((p for p in parts if p != "runlocal"), "none")
     config.reg.k = 4
     config.reg.lam = 0.1
     config.reg.start_epoch = 40
-    if "runlocal" in parts:
-        config.dataset = "cifar10_mini"
-        config.num_epochs, config.batch_size, config.reg.start_epoch = 2, 64, 1
-        config.compute_dtype = "float32"
-    return config
+    return apply_config_arg(config, arg)

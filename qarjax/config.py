@@ -53,7 +53,7 @@ def default_quant_config() -> ml_collections.ConfigDict:
             recompute_batch_stats=True,
             batch_stats_batches=20,
             tune_epochs=2,
-            tune_learning_rate=1e-4,
+            tune_learning_rate=1e-3,
             tune_optimizer="adam",
         )
     )
@@ -92,6 +92,18 @@ def default_config() -> ml_collections.ConfigDict:
             quant=default_quant_config(),
         )
     )
+
+
+def apply_config_arg(config: ml_collections.ConfigDict, arg: str | None):
+    """The ARG of ``--config FILE:ARG`` for the model configs: comma-separated words, one a
+    regularizer family (default none), and ``runlocal`` to shrink everything for a CPU smoke
+    test (the embedded data, 2 epochs, small batches, float32)."""
+    words = [w for w in (arg or "").split(",") if w]
+    config.reg.family = next((w for w in words if w != "runlocal"), "none")
+    if "runlocal" in words:
+        config.dataset, config.num_epochs, config.batch_size = "cifar10_mini", 2, 64
+        config.reg.start_epoch, config.compute_dtype = 1, "float32"
+    return config
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

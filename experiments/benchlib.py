@@ -1,0 +1,46 @@
+"""Shared benchmark helpers: synthetic CIFAR-shaped data and timing of train epochs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from qarjax.data import Dataset
+
+
+def synthetic_cifar(n_train: int, n_test: int = 512, seed: int = 0) -> Dataset:
+    """Random uint8 images of CIFAR's shape: the step's cost does not depend on the pixels."""
+    rng = np.random.default_rng(seed)
+    images = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = lambda n: rng.integers(0, 10, n).astype(np.int32)
+    return Dataset("synthetic", images(n_train), labels(n_train), images(n_test), labels(n_test),
+                   tuple(str(i) for i in range(10)))  # fmt: skip
+
+
+def time_epoch(trainer, state, epoch: int):
+    """Runs one (short) epoch and returns (state, seconds), fully synchronized."""
+    jax.block_until_ready(state.params)
+    began = time.perf_counter()
+    state, _ = trainer.train_epoch(state, epoch)
+    jax.block_until_ready(state.params)
+    return state, time.perf_counter() - began
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{jax.device_count()} x {d.device_kind} ({d.platform})"
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+median = statistics.median
