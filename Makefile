@@ -26,6 +26,7 @@ test-all: install
 bench: install
 	$(BIN)/python experiments/bench_train.py --out runs/bench_train.json
 	$(BIN)/python experiments/bench_regularizers.py --out runs/bench_regularizers.json
+	$(BIN)/python experiments/bench_quantize.py --out runs/bench_quantize.json
 
 lint: install
 	$(BIN)/ruff check qarjax configs experiments tests

@@ -13,9 +13,48 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from qarjax.errors import QarjaxError
+from qarjax.trees import leaves_with_paths, map_with_names, path_name
+
+
+def load_pretrained(workdir: str | Path, params: dict, batch_stats: dict) -> tuple[dict, dict]:
+    """Params and batch stats from the latest checkpoint of another run, shaped like ours.
+
+    Leaves are matched by name (``conv1/conv/kernel``), so a plain run can seed a regularized
+    one (whose model also holds representatives). Every leaf of `params` must be found with
+    the same shape; extra leaves in the checkpoint are ignored.
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise QarjaxError(f"init_from: no checkpoints in {workdir}")
+    manager = ocp.CheckpointManager(directory)
+    epoch = manager.latest_step()
+    if epoch is None:
+        raise QarjaxError(f"init_from: no checkpoints in {workdir}")
+    try:
+        raw = manager.restore(epoch, args=ocp.args.StandardRestore())["state"]
+    except Exception as e:
+        raise QarjaxError(
+            f"init_from: cannot read checkpoint {epoch} in {directory}: {e}"
+        ) from None
+    manager.close()
+
+    def take(source: dict, like: dict, what: str) -> dict:
+        found = {path_name(p): v for p, v in leaves_with_paths(source)}
+
+        def pick(name, leaf):
+            if name not in found or tuple(found[name].shape) != tuple(leaf.shape):
+                raise QarjaxError(
+                    f"init_from: {what} {name} of shape {leaf.shape} not in {workdir}"
+                )
+            return np.asarray(found[name], leaf.dtype)
+
+        return map_with_names(pick, like)
+
+    return take(raw["params"], params, "param"), take(raw["batch_stats"], batch_stats, "stat")
 
 
 class Checkpointer:

@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
             dataset="cifar10_mini",
             data_dir="",
             seed=0,
+            init_from="",  # a workdir whose latest params / batch stats start this run
             num_epochs=10,
             batch_size=128,
             eval_batch_size=500,

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
-from qarjax.checkpoint import Checkpointer
+from qarjax.checkpoint import Checkpointer, load_pretrained
 from qarjax.data import Dataset, load_dataset
 from qarjax.errors import QarjaxError
 from qarjax.metrics import MetricsWriter, to_python
@@ -97,6 +97,11 @@ def fit(
         dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None)
         trainer = Trainer(config, dataset)
     state = trainer.init_state()
+    if config.init_from:  # a pretrained model to start from (resume still wins below)
+        params, stats = load_pretrained(
+            config.init_from, jax.device_get(state.params), jax.device_get(state.batch_stats)
+        )
+        state = trainer.init_state(params=params, batch_stats=stats)
     checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     start_epoch, train_seconds = 0, 0.0
     if resume and checkpoints.latest_epoch() is not None:

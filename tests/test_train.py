@@ -108,3 +108,24 @@ def test_summary_has_the_promised_keys(tiny_config, tmp_path):
     for key in ("test_accuracy", "test_loss", "epochs", "train_seconds", "images_per_second"):
         assert key in summary
     assert (tmp_path / "summary.json").exists() and (tmp_path / "config.json").exists()
+
+
+def test_regularization_can_start_from_a_plain_pretrained_run(tiny_config, tmp_path):
+    dataset = make_dataset(n_train=128)
+    tiny_config.num_epochs = 1
+    plain = fit(tiny_config, tmp_path / "plain", dataset=dataset)
+    tiny_config.reg.family = "nearest"
+    tiny_config.init_from = str(tmp_path / "plain")
+    trainer = Trainer(tiny_config, dataset)
+    from qarjax.checkpoint import load_pretrained
+
+    params, stats = load_pretrained(
+        tmp_path / "plain", jax.device_get(trainer.init_state().params),
+        jax.device_get(trainer.init_state().batch_stats),
+    )  # fmt: skip
+    _assert_trees_close(params, plain.state.params, rtol=0, atol=0)
+    tuned = fit(tiny_config, tmp_path / "reg", dataset=dataset)
+    assert "kernel_reps" in tuned.state.quant["fc1"]
+    tiny_config.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(QarjaxError, match="init_from: no checkpoints"):
+        fit(tiny_config, tmp_path / "reg2", dataset=dataset)
