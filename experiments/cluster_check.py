@@ -3,7 +3,7 @@ with and without each family (same seed): the mean distance of the weights to th
 grid value, relative to the grid spacing (averaged over the regularized layers; for the plain
 run, the grid is each layer's 1-D k-means at the same K), and the test accuracy.
 
-    python experiments/cluster_check.py --out results/cluster_check.json
+    python experiments/cluster_check.py --out results/cluster_check.json [--lam 0.3]
 """
 
 import argparse
@@ -23,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default="none,sine,cosine,nearest,softmin")
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--lam", type=float, default=None, help="default: configs/demo.py's")
     parser.add_argument("--workdir", default="runs/cluster_check")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -30,6 +31,8 @@ def main() -> None:
     for family in args.families.split(","):
         config = load_config(str(CONFIG), family)
         config.reg.k, config.progress = args.k, False
+        if args.lam is not None:
+            config.reg.lam = args.lam
         result = fit(config, Path(args.workdir) / family, overwrite=True)
         layers = result.trainer.regularizer_metrics(result.state)
         rows[family] = {
