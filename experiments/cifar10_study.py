@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -119,9 +120,8 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
     lines = [f"# CIFAR-10 study ({args.scale} scale)", "", args.note, ""]
     ks = sorted({r["k"] for r in rows})
     for model in sorted({r["model"] for r in rows}):
-        fp = [
-            r["fp_accuracy"] for r in rows if r["model"] == model and r["method"] == "none+kmeans"
-        ]
+        fp = list({r["seed"]: r["fp_accuracy"] for r in rows
+                   if r["model"] == model and r["method"] == "none+kmeans"}.values())  # fmt: skip
         lines += [f"## {model}" + (f" (plain full precision {cell(fp)})" if fp else ""), ""]
         lines += [
             "Test accuracy pre-tuning / post-tuning (full precision of that model), by K:",
@@ -148,15 +148,19 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
         lines += ["", "Compression ratio against float32: "
                   + ", ".join(f"K = {k}: x{v:.1f}" for k, v in ratios.items()), ""]  # fmt: skip
     stages = {s: sum(r[f"{s}_seconds"] for r in rows) for s in ("quantize", "tune")}
-    train = sum({(r["model"], r["method"].split("+")[0], r["seed"], r["k"]): r["train_seconds"]
-                 for r in rows}.values())  # fmt: skip
+
+    def trained_once(r):  # one training per (model, family, seed), and per K if it matters
+        family = r["method"].split("+")[0]
+        return r["model"], family, r["seed"], None if family in K_FREE else r["k"]
+
+    train = sum({trained_once(r): r["train_seconds"] for r in rows}.values())
     lines += [
-        f"Wall time of the sweep: {wall / 60:.1f} min this invocation; summed over cells: "
-        f"train {train / 60:.1f} min, quantize {stages['quantize']:.1f} s, tune "
-        f"{stages['tune'] / 60:.1f} min. Device: {jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}.",
+        f"Time of the sweep, summed over its cells: {(train + sum(stages.values())) / 60:.1f} min "
+        f"(train {train / 60:.1f} min, quantize {stages['quantize']:.1f} s, tune "
+        f"{stages['tune'] / 60:.1f} min); this invocation {wall / 60:.1f} min (finished cells "
+        f"are reused). Device: {jax.device_count()} x {jax.devices()[0].device_kind}.",
         "",
-        f"Command: `{' '.join(sys.argv)}`",
+        f"Command: `{shlex.join(['python', *sys.argv])}`",
         "",
         f"Data: [{out.with_suffix('.csv').name}]({out.with_suffix('.csv').name}); "
         f"plot: [{out.name}_accuracy.png]({out.name}_accuracy.png).",
