@@ -11,9 +11,15 @@ The goal on a GPU is <= 1.05 for sine, cosine, nearest and softmin with K up to 
 import argparse
 
 import jax
-from benchlib import device_name, median, synthetic_cifar, time_epoch, write_json
+from benchlib import (
+    bench_config,
+    device_name,
+    median,
+    synthetic_cifar,
+    time_epoch,
+    write_json,
+)
 
-from qarjax.config import default_config
 from qarjax.train import Trainer
 
 VARIANTS = [
@@ -37,13 +43,7 @@ def main() -> None:
     data = synthetic_cifar(args.steps * args.batch_size)
     runs = []
     for family, k in VARIANTS:
-        config = default_config()
-        config.model, config.batch_size, config.compute_dtype = (
-            args.model,
-            args.batch_size,
-            args.dtype,
-        )
-        config.progress, config.num_epochs = False, 1
+        config = bench_config(args.model, args.batch_size, args.dtype)
         config.reg.family, config.reg.k, config.reg.start_epoch = family, k, 0
         trainer = Trainer(config, data)
         state = trainer.start_regularization(trainer.init_state())

@@ -11,9 +11,15 @@ On a CPU the defaults shrink to cnn_small (the big models take seconds per step 
 import argparse
 
 import jax
-from benchlib import device_name, median, synthetic_cifar, time_epoch, write_json
+from benchlib import (
+    bench_config,
+    device_name,
+    median,
+    synthetic_cifar,
+    time_epoch,
+    write_json,
+)
 
-from qarjax.config import default_config
 from qarjax.train import Trainer
 
 CIFAR_TRAIN = 50_000
@@ -32,9 +38,7 @@ def main() -> None:
 
     rows = []
     for model in args.models.split(","):
-        config = default_config()
-        config.model, config.batch_size, config.compute_dtype = model, args.batch_size, args.dtype
-        config.progress, config.num_epochs = False, 1
+        config = bench_config(model, args.batch_size, args.dtype)
         data = synthetic_cifar(args.steps * args.batch_size)
         trainer = Trainer(config, data)
         state = trainer.init_state()

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from qarjax.config import default_config
 from qarjax.data import Dataset
 
 
@@ -20,6 +21,14 @@ def synthetic_cifar(n_train: int, n_test: int = 512, seed: int = 0) -> Dataset:
     labels = lambda n: rng.integers(0, 10, n).astype(np.int32)
     return Dataset("synthetic", images(n_train), labels(n_train), images(n_test), labels(n_test),
                    tuple(str(i) for i in range(10)))  # fmt: skip
+
+
+def bench_config(model: str, batch_size: int, dtype: str):
+    """A one-epoch, quiet config for timing `model`."""
+    config = default_config()
+    config.model, config.batch_size, config.compute_dtype = model, batch_size, dtype
+    config.progress, config.num_epochs = False, 1
+    return config
 
 
 def time_epoch(trainer, state, epoch: int):

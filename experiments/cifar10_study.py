@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 
+from qarjax.compress import size_report
 from qarjax.config import load_config
 from qarjax.loop import fit
 from qarjax.pipeline import quantize_stage, tune_stage
@@ -74,8 +75,6 @@ def run_cell(model, family, k_train, seed, ks, scale, args, workdir: Path) -> li
                 config, result.trainer.dataset, q["params"], q["batch_stats"], q["quantized"]
             )
             t2 = time.perf_counter()
-            from qarjax.compress import size_report
-
             sizes = size_report(jax.device_get(t["params"]), t["quantized"])
             label = family if family != "none" else f"none+{method}"
             rows.append({

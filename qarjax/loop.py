@@ -67,6 +67,17 @@ def state_to_dict(state: TrainState) -> dict:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
+def restore_latest(checkpoints: Checkpointer, state: TrainState) -> tuple[TrainState, int, float]:
+    """(state, epoch, train_seconds) from the latest checkpoint, restored into `state`'s shape."""
+    payload = {"state": state_to_dict(state), "epoch": 0, "train_seconds": 0.0}
+    restored = checkpoints.restore(payload)
+    return (
+        TrainState(**restored["state"]),
+        int(restored["epoch"]),
+        float(restored["train_seconds"]),
+    )
+
+
 def fit(
     config,
     workdir: str | Path,
@@ -105,11 +116,7 @@ def fit(
     checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     start_epoch, train_seconds = 0, 0.0
     if resume and checkpoints.latest_epoch() is not None:
-        payload = {"state": state_to_dict(state), "epoch": 0, "train_seconds": 0.0}
-        restored = checkpoints.restore(payload)
-        state = TrainState(**restored["state"])
-        start_epoch = int(restored["epoch"])
-        train_seconds = float(restored["train_seconds"])
+        state, start_epoch, train_seconds = restore_latest(checkpoints, state)
     writer = MetricsWriter(workdir, enabled=main_process, tensorboard=config.tensorboard)
     writer.truncate_after(start_epoch)
     reg_start = int(config.reg.start_epoch)

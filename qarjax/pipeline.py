@@ -22,9 +22,9 @@ from qarjax import compress
 from qarjax.checkpoint import Checkpointer
 from qarjax.data import load_dataset
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
-from qarjax.loop import FitResult, TrainState, fit, state_to_dict, write_json_atomic
+from qarjax.loop import FitResult, TrainState, fit, restore_latest, write_json_atomic
 from qarjax.quantize import METHODS, layers_from_params, quantize_params
-from qarjax.regularization import DYNAMIC, STATIC, parse_overrides, select_layers
+from qarjax.regularization import DYNAMIC, STATIC, first_match, parse_overrides, select_layers
 from qarjax.report import write_report
 from qarjax.train import Trainer
 from qarjax.trees import path_name
@@ -49,11 +49,8 @@ def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
     exclude = q.exclude or config.reg.exclude
     default_k = config.reg.k if q.k == -1 else q.k
     overrides = parse_overrides(config.reg.k_overrides, int, "reg.k") if q.k == -1 else []
-    layers = []
-    for path in select_layers(trainer._initial["params"], include, exclude):
-        k = next((v for pat, v in overrides if __import__("re").search(pat, path_name(path))), None)
-        layers.append((path, k or default_k))
-    return method, layers
+    paths = select_layers(trainer._initial["params"], include, exclude)
+    return method, [(path, first_match(overrides, path_name(path), default_k)) for path in paths]
 
 
 def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
@@ -141,11 +138,9 @@ def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainStat
     checkpoints = Checkpointer(workdir / "checkpoints")
     if checkpoints.latest_epoch() is None:
         raise QarjaxError(f"no trained run in {workdir}: run `qarjax train` first")
-    state = trainer.init_state()
-    payload = {"state": state_to_dict(state), "epoch": 0, "train_seconds": 0.0}
-    restored = checkpoints.restore(payload)
+    state, _, _ = restore_latest(checkpoints, trainer.init_state())
     checkpoints.close()
-    return trainer, TrainState(**restored["state"])
+    return trainer, state
 
 
 def _check_matches(artifact: compress.Artifact, config, source) -> None:
@@ -167,15 +162,14 @@ def _save(path, config, params, batch_stats, quantized, metadata) -> int:
     )
 
 
-def _evaluate_artifact(config, artifact, dataset) -> dict:
+def _evaluate_artifact(config, params, batch_stats, dataset) -> dict:
     trainer = Trainer(tuning_config(config), dataset)
-    params = artifact.params()
     expected = jax.tree.map(np.shape, trainer._initial["params"])
     if jax.tree.map(np.shape, params) != expected:
         raise ArtifactError(
             "the compressed model's parameter shapes do not match the config's model"
         )
-    state = trainer.init_state(params=params, batch_stats=artifact.batch_stats)
+    state = trainer.init_state(params=params, batch_stats=batch_stats)
     return trainer.evaluate(state)
 
 
@@ -223,6 +217,15 @@ def run_pipeline(config, workdir, *, resume: bool = False, overwrite: bool = Fal
     return report
 
 
+def _write_stage(workdir: Path, artifact: str, summary: str, config, result, info) -> None:
+    """Saves a stage's compressed model, then its facts (with the file size) as JSON."""
+    info["file_bytes"] = _save(
+        workdir / artifact, config, result["params"], result["batch_stats"], result["quantized"], {}
+    )
+    write_json_atomic(workdir / summary, info)
+    print(json.dumps(info))
+
+
 def run_command(command: str, config, args) -> None:
     """The CLI's quantize / tune / eval / run."""
     workdir = Path(args.workdir)
@@ -239,33 +242,24 @@ def run_command(command: str, config, args) -> None:
     if command == "quantize":
         trainer, state = _restore_trained(config, workdir, dataset)
         q = quantize_stage(trainer, state, config)
-        size = _save(
-            workdir / "quantized.qarjax", config, q["params"], q["batch_stats"], q["quantized"], {}
-        )
         info = {k: v for k, v in q.items() if k not in ("quantized", "params", "batch_stats")}
-        info["file_bytes"] = size
-        write_json_atomic(workdir / "quantize.json", info)
-        print(json.dumps(info))
+        _write_stage(workdir, "quantized.qarjax", "quantize.json", config, q, info)
     elif command == "tune":
         source = Path(args.artifact) if args.artifact else workdir / "quantized.qarjax"
         artifact = compress.load(source)
         _check_matches(artifact, config, source)
         t = tune_stage(config, dataset, artifact.params(), artifact.batch_stats, artifact.layers)
-        size = _save(
-            workdir / "tuned.qarjax", config, t["params"], t["batch_stats"], t["quantized"], {}
-        )
         info = {k: t[k] for k in ("pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")}
-        info["file_bytes"] = size
-        write_json_atomic(workdir / "tune.json", info)
-        print(json.dumps(info))
+        _write_stage(workdir, "tuned.qarjax", "tune.json", config, t, info)
     elif command == "eval":
         source = Path(args.artifact) if args.artifact else workdir / "tuned.qarjax"
         if not args.artifact and not source.exists():
             source = workdir / "quantized.qarjax"
         artifact = compress.load(source)
         _check_matches(artifact, config, source)
-        result = _evaluate_artifact(config, artifact, dataset)
-        sizes = compress.size_report(artifact.params(), artifact.layers, source.stat().st_size)
+        params = artifact.params()
+        result = _evaluate_artifact(config, params, artifact.batch_stats, dataset)
+        sizes = compress.size_report(params, artifact.layers, source.stat().st_size)
         print(
             json.dumps(
                 {"artifact": str(source), **result, "compression_ratio": sizes["compression_ratio"]}

@@ -141,8 +141,8 @@ class Regularization:
         specs = tuple(
             LayerSpec(
                 path,
-                _first_match(k_over, path_name(path), cfg.k),
-                _first_match(lam_over, path_name(path), cfg.lam),
+                first_match(k_over, path_name(path), cfg.k),
+                first_match(lam_over, path_name(path), cfg.lam),
             )
             for path in layers
         )
@@ -325,7 +325,8 @@ def _range_of(layer: LayerSpec, consts: dict) -> tuple[jax.Array, jax.Array]:
     return rng[0], rng[1]
 
 
-def _first_match(overrides, name: str, default):
+def first_match(overrides, name: str, default):
+    """The value of the first (regex, value) override whose regex matches `name`."""
     return next((value for pattern, value in overrides if re.search(pattern, name)), default)
 
 
