@@ -57,14 +57,73 @@ def load_pretrained(workdir: str | Path, params: dict, batch_stats: dict) -> tup
     return take(raw["params"], params, "param"), take(raw["batch_stats"], batch_stats, "stat")
 
 
+def _key_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+
+def _named_leaves(tree) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+
+
+def load_branch_point(workdir: str | Path, epoch: int, state):
+    """`state` (a TrainState) continued from another run's checkpoint at `epoch`.
+
+    Leaves are matched by path name and shape: step, RNG, params and batch statistics must
+    all be found; the optimizer state is taken where it matches (the weights' moments; the
+    representatives' state is fresh anyway when regularization starts). Used to branch a
+    regularized run off a plain run at the regularization's start epoch.
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
+    if manager is None or epoch not in manager.all_steps():
+        have = sorted(manager.all_steps()) if manager else []
+        raise QarjaxError(
+            f"branch_from: {workdir} has no checkpoint of epoch {epoch} (it has {have}; "
+            "train it with keep_period set to that epoch)"
+        )
+    try:
+        raw = manager.restore(epoch, args=ocp.args.StandardRestore())["state"]
+    except Exception as e:
+        raise QarjaxError(
+            f"branch_from: cannot read checkpoint {epoch} in {directory}: {e}"
+        ) from None
+    finally:
+        manager.close()
+    found = _named_leaves(raw)
+    target = _named_leaves(state)
+    required = ("step", "rng", "params/", "batch_stats/")
+    missing = [
+        n for n, leaf in target.items()
+        if n.startswith(required) and (n not in found or np.shape(found[n]) != np.shape(leaf))
+    ]  # fmt: skip
+    if missing:
+        raise QarjaxError(f"branch_from: {workdir} epoch {epoch} lacks {', '.join(missing[:4])}")
+
+    def take(path, leaf):
+        name = "/".join(_key_name(k) for k in path)
+        source = found.get(name)
+        if source is None or np.shape(source) != np.shape(leaf):
+            return leaf
+        return jax.device_put(np.asarray(source, leaf.dtype), leaf.sharding)
+
+    return jax.tree_util.tree_map_with_path(take, state)
+
+
 class Checkpointer:
     """Saves and restores train-state pytrees under ``workdir/checkpoints``, by epoch."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+    def __init__(
+        self, directory: str | Path, *, max_to_keep: int = 2, keep_period: int | None = None
+    ):
+        """`keep_period`: also keep every checkpoint whose epoch is a multiple of it (e.g. the
+        epoch where regularized runs branch off a plain one)."""
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, keep_period=keep_period, create=True
+            ),
         )
 
     def latest_epoch(self) -> int | None:

@@ -21,6 +21,7 @@ def default_reg_config() -> ml_collections.ConfigDict:
         dict(
             family="none",
             k=4,
+            k_max=-1,  # representatives padded to this length: K can change up to it (-1: k)
             lam=0.1,
             k_overrides="",
             lam_overrides="",
@@ -85,8 +86,12 @@ def default_config() -> ml_collections.ConfigDict:
             compute_dtype="float32",
             augment=True,
             scan_steps=-1,  # train steps per jitted call; -1: 50 on accelerators, 1 on CPU
+            scan_mode="auto",  # auto: lax.scan on accelerators, unrolled on CPU; scan; unroll
             checkpoint_every=1,
             keep_checkpoints=2,
+            keep_period=0,  # > 0: also keep every checkpoint whose epoch is a multiple of it
+            branch_from="",  # a workdir whose checkpoint at branch_epoch this run continues
+            branch_epoch=-1,  # -1: reg.start_epoch
             progress=True,
             tensorboard=True,
             reg=default_reg_config(),

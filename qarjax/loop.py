@@ -19,13 +19,31 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
-from qarjax.checkpoint import Checkpointer, load_pretrained
+from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
 from qarjax.data import Dataset, load_dataset
-from qarjax.errors import QarjaxError
+from qarjax.errors import ConfigError, QarjaxError
 from qarjax.metrics import MetricsWriter, to_python
 from qarjax.train import Trainer, TrainState
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "summary.json", "config.json")
+# Everything a run and its later stages (qarjax.pipeline) write: --overwrite removes it all,
+# so no stage reads a file of the run it replaced.
+RUN_OUTPUTS = RUN_MARKERS + (
+    "tensorboard",
+    "quantized.qarjax",
+    "quantize.json",
+    "tuned.qarjax",
+    "tune.json",
+    "report.json",
+    "report.md",
+    "weights.png",
+)
+# Keys a caller's Trainer may differ in from fit's config: K (data in the compiled step) and
+# what only the loop reads. Any other difference would silently train the trainer's config.
+TRAINER_FREE_KEYS = {
+    "reg.k", "reg.k_overrides", "progress", "tensorboard", "checkpoint_every",
+    "keep_checkpoints", "keep_period", "branch_from", "branch_epoch", "init_from",
+}  # fmt: skip
 
 
 def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -39,13 +57,33 @@ def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
             "--overwrite to replace it"
         )
     if has_run and overwrite and not resume and jax.process_index() == 0:
-        for marker in RUN_MARKERS + ("tensorboard", "report.json", "report.md"):
+        for marker in RUN_OUTPUTS:
             path = workdir / marker
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
+
+
+def check_trainer_fits(trainer_config, config) -> None:
+    """Refuses a Trainer built for a config that differs from `config` beyond the keys a
+    trainer can serve unchanged (TRAINER_FREE_KEYS, and quant.* which fit does not read)."""
+
+    def flat(c):
+        d = c.to_dict()
+        d.pop("quant", None)
+        reg = d.pop("reg")
+        d.update({f"reg.{k}": v for k, v in reg.items()})
+        return {k: v for k, v in d.items() if k not in TRAINER_FREE_KEYS}
+
+    a, b = flat(trainer_config), flat(config)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        raise ConfigError(
+            f"the given trainer was built for another config ({', '.join(differ)} differ): "
+            "build a Trainer for this config"
+        )
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -96,8 +134,14 @@ def fit(
       resume: continue from the latest checkpoint in `workdir`.
       overwrite: replace a run already in `workdir`.
       dataset: an already loaded dataset (default: load config.dataset).
-      trainer: an already built Trainer for this config (e.g. to reuse its compiled steps).
+      trainer: an already built Trainer (to reuse its compiled steps): its config may differ
+        from `config` only in reg.k / reg.k_overrides (K is data in the step) and loop keys.
       stop_after_epoch: return after this epoch (for tests of interrupted runs).
+
+    With ``config.branch_from`` set, the run continues another run's trajectory from that
+    run's checkpoint at ``config.branch_epoch`` (default: reg.start_epoch): params, batch
+    statistics, step, RNG and the weights' optimizer state are taken over, so a regularized
+    run shares the plain pre-training of a plain run (the study trains it once per model).
     """
     workdir = Path(workdir).absolute()
     prepare_workdir(workdir, resume=resume, overwrite=overwrite)
@@ -107,24 +151,43 @@ def fit(
     if trainer is None:
         dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None)
         trainer = Trainer(config, dataset)
+    else:
+        check_trainer_fits(trainer.config, config)
+    ks = trainer.reg.ks_for(config.reg) if trainer.reg.active else None
+    reg_start = int(config.reg.start_epoch)
     state = trainer.init_state()
     if config.init_from:  # a pretrained model to start from (resume still wins below)
         params, stats = load_pretrained(
             config.init_from, jax.device_get(state.params), jax.device_get(state.batch_stats)
         )
         state = trainer.init_state(params=params, batch_stats=stats)
-    checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    checkpoints = Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=config.keep_checkpoints,
+        keep_period=config.keep_period or None,
+    )
     start_epoch, train_seconds = 0, 0.0
     if resume and checkpoints.latest_epoch() is not None:
         state, start_epoch, train_seconds = restore_latest(checkpoints, state)
+    elif config.branch_from:
+        start_epoch = reg_start if config.branch_epoch < 0 else int(config.branch_epoch)
+        if trainer.reg.active and start_epoch > reg_start:
+            raise ConfigError(
+                f"branch_epoch={start_epoch} is after reg.start_epoch={reg_start}: the "
+                "regularizer would start late"
+            )
+        if not 0 < start_epoch < config.num_epochs:
+            raise ConfigError(
+                f"branch_epoch={start_epoch} must be in [1, num_epochs={config.num_epochs})"
+            )
+        state = load_branch_point(config.branch_from, start_epoch, state)
     writer = MetricsWriter(workdir, enabled=main_process, tensorboard=config.tensorboard)
     writer.truncate_after(start_epoch)
-    reg_start = int(config.reg.start_epoch)
     test, epoch_rates = {"loss": float("nan"), "accuracy": float("nan")}, []
     try:
         for epoch in range(start_epoch, config.num_epochs):
             if trainer.reg.active and epoch == reg_start:
-                state = trainer.start_regularization(state)
+                state = trainer.start_regularization(state, ks)
             bar = tqdm(
                 total=trainer.steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{config.num_epochs}",

@@ -57,6 +57,9 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
     """Quantizes a trained state; evaluates before and after the batch-norm re-estimate."""
     began = time.perf_counter()
     method, layers = quantization_plan(trainer, config)
+    if method == "nearest" and trainer.reg.active:  # the run's K (trainers serve several)
+        ks = trainer.reg.ks_for(config.reg)
+        layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
     grids = None
     if method == "nearest":
         by_path = {s.path: s for s in trainer.reg.layers}
@@ -64,7 +67,7 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
         for path, _ in layers:
             if path not in by_path:
                 raise ConfigError(f"layer {path_name(path)} was not regularized: it has no grid")
-            grids[path_name(path)] = trainer.reg.grid(
+            grids[path_name(path)] = trainer.reg.grid_values(
                 by_path[path], state.params, state.quant, state.consts
             )
     quantized, params = quantize_params(state.params, layers, method=method, grids=grids)
@@ -74,15 +77,14 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
     plain = trainer.evaluate(state, params=params)
     stats = state.batch_stats
     if config.quant.recompute_batch_stats:
-        stats = recompute_batch_stats(
-            trainer, params, state.batch_stats, config.quant.batch_stats_batches
-        )
+        stats = recompute_batch_stats(trainer, state, params, config.quant.batch_stats_batches)
     pre = trainer.evaluate(state, params=params, batch_stats=stats)
     return {
         "method": method,
         "quantized": quantized,
         "params": params,
         "batch_stats": stats,
+        "trained_steps": int(jax.device_get(state.step)),
         "fp_accuracy": fp["accuracy"],
         "pre_tuning_accuracy_no_bn": plain["accuracy"],
         "pre_tuning_accuracy": pre["accuracy"],
@@ -143,12 +145,23 @@ def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainStat
     return trainer, state
 
 
-def _check_matches(artifact: compress.Artifact, config, source) -> None:
+def _check_matches(artifact: compress.Artifact, config, source, workdir=None) -> None:
+    """Refuses an artifact of another model, or (from `workdir`) one made from an earlier
+    state of the workdir's run than the one its summary.json records."""
     if artifact.config.get("model") != config.model:
         raise ArtifactError(
             f"{source} holds model {artifact.config.get('model')!r}, "
             f"the config says {config.model!r}"
         )
+    summary = None if workdir is None else Path(workdir) / "summary.json"
+    if summary is not None and summary.exists():
+        steps = json.loads(summary.read_text()).get("steps")
+        made_from = artifact.metadata.get("trained_steps")
+        if made_from != steps:
+            raise ArtifactError(
+                f"{source} is stale: it was made from step {made_from} of training, the run "
+                f"in {workdir} is at step {steps}; run `qarjax quantize` (and tune) again"
+            )
 
 
 def _save(path, config, params, batch_stats, quantized, metadata) -> int:
@@ -162,7 +175,8 @@ def _save(path, config, params, batch_stats, quantized, metadata) -> int:
     )
 
 
-def _evaluate_artifact(config, params, batch_stats, dataset) -> dict:
+def evaluate_artifact(config, params, batch_stats, dataset) -> dict:
+    """Test loss and accuracy of a compressed model's params under `config`'s model."""
     trainer = Trainer(tuning_config(config), dataset)
     expected = jax.tree.map(np.shape, trainer._initial["params"])
     if jax.tree.map(np.shape, params) != expected:
@@ -173,11 +187,16 @@ def _evaluate_artifact(config, params, batch_stats, dataset) -> dict:
     return trainer.evaluate(state)
 
 
-def run_pipeline(config, workdir, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """train -> quantize -> tune -> report; returns the report (also report.json)."""
+def run_pipeline(
+    config, workdir, *, resume: bool = False, overwrite: bool = False, dataset=None
+) -> dict:
+    """train -> quantize -> tune -> report; returns the report (also report.json).
+
+    `dataset`: an already loaded dataset (default: load config.dataset).
+    """
     workdir = Path(workdir).absolute()
     summary_file = workdir / "summary.json"
-    dataset = _dataset(config)
+    dataset = dataset or _dataset(config)
     began = time.perf_counter()
     if resume and summary_file.exists():
         trainer, state = _restore_trained(config, workdir, dataset)
@@ -186,10 +205,14 @@ def run_pipeline(config, workdir, *, resume: bool = False, overwrite: bool = Fal
         fit_result = fit(config, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
     train_seconds = time.perf_counter() - began
     q = quantize_stage(fit_result.trainer, fit_result.state, config)
-    _save(workdir / "quantized.qarjax", config, q["params"], q["batch_stats"], q["quantized"], {})
+    made_from = {"trained_steps": q["trained_steps"]}
+    _save(
+        workdir / "quantized.qarjax", config, q["params"], q["batch_stats"], q["quantized"],
+        made_from,
+    )  # fmt: skip
     t = tune_stage(config, dataset, q["params"], q["batch_stats"], q["quantized"])
     file_bytes = _save(
-        workdir / "tuned.qarjax", config, t["params"], t["batch_stats"], t["quantized"], {}
+        workdir / "tuned.qarjax", config, t["params"], t["batch_stats"], t["quantized"], made_from
     )
     sizes = compress.size_report(jax.device_get(t["params"]), t["quantized"], file_bytes)
     report = {
@@ -213,14 +236,20 @@ def run_pipeline(config, workdir, *, resume: bool = False, overwrite: bool = Fal
         "tune_losses": t["train_losses"],
     }
     if jax.process_index() == 0:
-        write_report(workdir, report, fit_result, t["quantized"])
+        write_report(workdir, report, fit_result, q["quantized"], t["quantized"])
     return report
 
 
 def _write_stage(workdir: Path, artifact: str, summary: str, config, result, info) -> None:
     """Saves a stage's compressed model, then its facts (with the file size) as JSON."""
+    made_from = {"trained_steps": info["trained_steps"]}
     info["file_bytes"] = _save(
-        workdir / artifact, config, result["params"], result["batch_stats"], result["quantized"], {}
+        workdir / artifact,
+        config,
+        result["params"],
+        result["batch_stats"],
+        result["quantized"],
+        made_from,
     )
     write_json_atomic(workdir / summary, info)
     print(json.dumps(info))
@@ -247,18 +276,19 @@ def run_command(command: str, config, args) -> None:
     elif command == "tune":
         source = Path(args.artifact) if args.artifact else workdir / "quantized.qarjax"
         artifact = compress.load(source)
-        _check_matches(artifact, config, source)
+        _check_matches(artifact, config, source, None if args.artifact else workdir)
         t = tune_stage(config, dataset, artifact.params(), artifact.batch_stats, artifact.layers)
         info = {k: t[k] for k in ("pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")}
+        info["trained_steps"] = artifact.metadata.get("trained_steps")
         _write_stage(workdir, "tuned.qarjax", "tune.json", config, t, info)
     elif command == "eval":
         source = Path(args.artifact) if args.artifact else workdir / "tuned.qarjax"
         if not args.artifact and not source.exists():
             source = workdir / "quantized.qarjax"
         artifact = compress.load(source)
-        _check_matches(artifact, config, source)
+        _check_matches(artifact, config, source, None if args.artifact else workdir)
         params = artifact.params()
-        result = _evaluate_artifact(config, params, artifact.batch_stats, dataset)
+        result = evaluate_artifact(config, params, artifact.batch_stats, dataset)
         sizes = compress.size_report(params, artifact.layers, source.stat().st_size)
         print(
             json.dumps(

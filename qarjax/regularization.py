@@ -14,11 +14,17 @@ frozen data plus pure methods, so the jitted train step only calls
     epoch (regularizer value, live representatives, mean distance to the grid relative to its
     spacing, the grid itself).
 
-Config (``config.reg``; the defaults live in `qarjax.configs.default_reg_config`):
-  family, k, lam, k_overrides / lam_overrides ("regex=value,..."), schedule (constant or
-  warmup), warmup_epochs, start_epoch, include / exclude (regexes over param names such as
-  ``conv1/conv/kernel``), range_mode, range_lo / range_hi, init, temperature (dimensionless t:
-  tau = t h^2), reduction (sum or mean), eta (soft_min_max).
+K is data, not structure: each grid layer holds its K in a ``kernel_k`` variable and its
+representatives padded to ``k_max`` (masked beyond K), so one compiled train step serves every
+K <= k_max (a sweep over K compiles once per family; `start` sets the K of a run).
+
+Config (``config.reg``; the defaults live in `qarjax.config.default_reg_config`):
+  family, k, k_max (-1: k), lam, k_overrides / lam_overrides ("regex=value,...", each regex
+  full-matched against the selected layer names; a rule that matches none is an error),
+  schedule (constant or warmup), warmup_epochs, start_epoch, include / exclude (regexes
+  searched in param names such as ``conv1/conv/kernel``), range_mode, range_lo / range_hi,
+  init, temperature (dimensionless t: tau = t h^2, h the mean spacing of the layer's
+  representatives), reduction (sum or mean), eta (soft_min_max).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qarjax import regularizers as R
@@ -40,6 +47,7 @@ from qarjax.representatives import (
     INIT_METHODS,
     RANGE_MODES,
     GridRange,
+    GridSize,
     QuantParam,
     Representatives,
     grid_range,
@@ -73,7 +81,7 @@ class LayerSpec:
 
 
 def parse_overrides(text: str, cast: Callable[[str], Any], what: str) -> list[tuple[str, Any]]:
-    """Parses 'regex=value,regex=value' into [(regex, value)] (first match wins)."""
+    """Parses 'regex=value,regex=value' into [(regex, value)] (first full match wins)."""
     out = []
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         if "=" not in item:
@@ -93,6 +101,7 @@ class Regularization:
 
     family: str
     layers: tuple[LayerSpec, ...]
+    k_max: int = 0  # size of the padded representatives (0: each layer's own K)
     start_step: int = 0
     warmup_steps: int = 0
     schedule: str = "constant"
@@ -105,8 +114,14 @@ class Regularization:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg, params: dict, *, steps_per_epoch: int) -> Regularization:
-        """Validates `cfg` (config.reg) and selects layers from the params tree."""
+    def from_config(
+        cls, cfg, params: dict, *, steps_per_epoch: int, num_epochs: int | None = None
+    ) -> Regularization:
+        """Validates `cfg` (config.reg) and selects layers from the params tree.
+
+        `num_epochs`: the run's length; a regularizer that would start at or after it is
+        refused (it would never run, and quantization would use a placeholder grid).
+        """
         family = cfg.family
         if family not in FAMILIES:
             raise ConfigError(f"unknown regularizer family {family!r}: choose one of {FAMILIES}")
@@ -126,6 +141,13 @@ class Regularization:
             raise ConfigError(f"unknown reg.init {cfg.init!r}: choose one of {INIT_METHODS}")
         if cfg.start_epoch < 0 or cfg.warmup_epochs < 0:
             raise ConfigError("reg.start_epoch and reg.warmup_epochs must be >= 0")
+        if family != "none" and num_epochs is not None and cfg.start_epoch >= num_epochs:
+            raise ConfigError(
+                f"reg.start_epoch={cfg.start_epoch} is not before num_epochs={num_epochs}: "
+                f"the {family} regularizer would never start"
+            )
+        if cfg.k_max != -1:
+            _check_range("reg.k_max", cfg.k_max, 2, MAX_K)
         given = None
         if cfg.range_mode == "given":
             given = (float(cfg.range_lo), float(cfg.range_hi))
@@ -138,6 +160,9 @@ class Regularization:
         for _, lam in lam_over:
             _check_range("reg.lam override", lam, 0.0, math.inf)
         layers = select_layers(params, cfg.include, cfg.exclude)
+        names = [path_name(p) for p in layers]
+        check_rules_match(k_over, names, "reg.k_overrides")
+        check_rules_match(lam_over, names, "reg.lam_overrides")
         specs = tuple(
             LayerSpec(
                 path,
@@ -146,9 +171,11 @@ class Regularization:
             )
             for path in layers
         )
+        k_max = max([cfg.k_max, *(s.k for s in specs)])
         return cls(
             family=family,
             layers=specs,
+            k_max=k_max,
             start_step=int(cfg.start_epoch) * steps_per_epoch,
             warmup_steps=int(cfg.warmup_epochs) * steps_per_epoch,
             schedule=cfg.schedule,
@@ -164,14 +191,36 @@ class Regularization:
     def active(self) -> bool:
         return self.family != "none"
 
+    def ks_for(self, cfg) -> dict[str, int]:
+        """Each layer's K under `cfg` (config.reg: k and k_overrides), for `initialize`; a run
+        may change K this way without rebuilding (and recompiling) its train step."""
+        _check_range("reg.k", cfg.k, 2, MAX_K)
+        k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
+        check_rules_match(k_over, [s.name for s in self.layers], "reg.k_overrides")
+        ks = {s.name: first_match(k_over, s.name, cfg.k) for s in self.layers}
+        if self.has_grid():
+            for name, k in ks.items():
+                if not 2 <= k <= self.size(name):
+                    raise ConfigError(
+                        f"K={k} for {name} is outside [2, {self.size(name)}]: the model was "
+                        f"built for reg.k_max={self.size(name)}"
+                    )
+        return ks
+
+    def size(self, name: str) -> int:
+        """The padded length of a layer's representatives / grid (>= every K it can take)."""
+        return max(self.k_max, next(s.k for s in self.layers if s.name == name))
+
     def attach(self, model: nnx.Module) -> None:
         """Adds this family's variables to the modules that own the selected kernels."""
         for layer in self.layers:
             owner = _module_at(model, layer.path[:-1])
             leaf = layer.path[-1]
             setattr(owner, f"{leaf}_range", GridRange(jnp.array([-1.0, 1.0], jnp.float32)))
+            if self.has_grid():
+                setattr(owner, f"{leaf}_k", GridSize(jnp.int32(layer.k)))
             if self.family in DYNAMIC:
-                reps = regularizers_grid("sine", layer.k, -1.0, 1.0)
+                reps = regularizers_grid("sine", self.size(layer.name), -1.0, 1.0)
                 setattr(owner, f"{leaf}_reps", Representatives(reps))
             elif self.family == "margin":
                 setattr(owner, f"{leaf}_margin", QuantParam(jnp.float32(1.0)))
@@ -179,14 +228,25 @@ class Regularization:
                 setattr(owner, f"{leaf}_alpha", QuantParam(jnp.float32(1.0)))
 
     # ------------------------------------------------------------------ start of regularization
-    def initialize(self, params: dict, quant: dict, consts: dict) -> tuple[dict, dict]:
-        """Fixes each layer's range and initializes its trainable quantization params."""
+    def initialize(
+        self, params: dict, quant: dict, consts: dict, ks: dict[str, int] | None = None
+    ) -> tuple[dict, dict]:
+        """Fixes each layer's range and K and initializes its trainable quantization params.
+
+        `ks`: K per layer name (see `ks_for`; default: each layer's configured K).
+        """
         for layer in self.layers:
+            k = layer.k if ks is None else ks[layer.name]
             w = get_in(params, layer.path)
             rng = grid_range(w, self.range_mode, self.given_range)
             consts = set_in(consts, layer.var_path("range"), rng)
+            if self.has_grid():
+                consts = set_in(consts, layer.var_path("k"), jnp.int32(k))
             if self.family in DYNAMIC:
-                reps = init_representatives(w, layer.k, self.init, rng[0], rng[1])
+                reps = init_representatives(w, k, self.init, rng[0], rng[1])
+                # Padding repeats the largest representative; the mask (index < K) hides it.
+                pad = self.size(layer.name) - k
+                reps = jnp.concatenate([reps, jnp.full((pad,), reps[-1], reps.dtype)])
                 quant = set_in(quant, layer.var_path("reps"), reps)
             elif self.family == "margin":
                 quant = set_in(
@@ -211,17 +271,22 @@ class Regularization:
         """The unweighted R_l of one layer."""
         family, red = self.family, self.reduction
         lo, hi = _range_of(layer, consts)
-        if family == "sine":
-            return R.sine(w, k=layer.k, lo=lo, hi=hi, reduction=red)
-        if family == "cosine":
-            return R.cosine(w, k=layer.k, lo=lo, hi=hi, reduction=red)
-        if family == "nearest":
-            return R.nearest(w, get_in(quant, layer.var_path("reps")), reduction=red)
-        if family == "softmin":
-            tau = self.temperature * ((hi - lo) / (layer.k - 1)) ** 2
-            return R.softmin(
-                w, get_in(quant, layer.var_path("reps")), temperature=tau, reduction=red
-            )
+        if family in STATIC:
+            k = get_in(consts, layer.var_path("k"))
+            fn = R.sine if family == "sine" else R.cosine
+            return fn(w, k=k, lo=lo, hi=hi, reduction=red)
+        if family in DYNAMIC:
+            reps, mask, k = self._reps(layer, quant, consts)
+            if family == "nearest":
+                return R.nearest(w, reps, mask=mask, reduction=red)
+            # tau = t h^2 with h the representatives' own mean spacing (not the range's): a
+            # fixed tau turns soft, and merges the representatives (deterministic annealing
+            # above its critical temperature), once the weights shrink under weight decay;
+            # at K = 2 that collapsed every run. Floored so that merged reps keep tau > 0.
+            live = jnp.where(mask, reps, jnp.nan)
+            h = (jnp.nanmax(live) - jnp.nanmin(live)) / (k - 1)
+            h = jax.lax.stop_gradient(jnp.maximum(h, 1e-3 * (hi - lo) / (k - 1)))
+            return R.softmin(w, reps, temperature=self.temperature * h**2, mask=mask, reduction=red)
         if family == "linf":
             return R.linf(w)
         if family == "margin":
@@ -258,24 +323,47 @@ class Regularization:
     def has_grid(self) -> bool:
         return self.family in STATIC + DYNAMIC
 
+    def _reps(self, layer: LayerSpec, quant: dict, consts: dict):
+        reps = get_in(quant, layer.var_path("reps"))
+        k = get_in(consts, layer.var_path("k"))
+        return reps, jnp.arange(reps.shape[-1]) < k, k
+
     def grid(self, layer: LayerSpec, params: dict, quant: dict, consts: dict) -> jax.Array:
-        """The layer's sorted quantization grid: static zeros, representatives, or (for
-        families without a grid) the 1-D k-means centroids of its weights."""
+        """The layer's sorted quantization grid, padded with +inf to a fixed length beyond
+        its K values: static zeros, representatives, or (for families without a grid) the
+        1-D k-means centroids of its weights (not padded). `grid_values` drops the padding."""
         if self.family in STATIC:
             lo, hi = _range_of(layer, consts)
-            return regularizers_grid(self.family, layer.k, lo, hi)
+            k = get_in(consts, layer.var_path("k"))
+            j = jnp.arange(self.size(layer.name), dtype=jnp.float32)
+            h = (hi - lo) / (k - 1) if self.family == "sine" else (hi - lo) / k
+            grid = lo + h * (j if self.family == "sine" else j + 0.5)
+            return jnp.where(j < k, grid, jnp.inf)
         if self.family in DYNAMIC:
-            return jnp.sort(get_in(quant, layer.var_path("reps")))
+            reps, mask, _ = self._reps(layer, quant, consts)
+            return jnp.sort(jnp.where(mask, reps, jnp.inf))
         return kmeans_1d(get_in(params, layer.path), layer.k)
 
+    def grid_values(self, layer: LayerSpec, params: dict, quant: dict, consts: dict):
+        """The layer's K grid values (host array, sorted): `grid` without its padding."""
+        grid = np.asarray(jax.device_get(self.grid(layer, params, quant, consts)))
+        return grid[np.isfinite(grid)]
+
     def metrics(self, params: dict, quant: dict, consts: dict) -> dict[str, dict[str, Any]]:
-        """Per layer: reg (R_l), live (grid values nearest to >= 1 weight), rel_dist (mean
-        |w - nearest grid value| / mean grid spacing) and grid (the values)."""
+        """Per layer: reg (R_l), live (distinct grid values nearest to >= 1 weight; values
+        closer than 1% of the range's spacing count once, so merged representatives show),
+        rel_dist (mean |w - nearest grid value| / mean grid spacing) and grid (the values,
+        +inf beyond K)."""
         out = {}
         for layer in self.layers:
             w = jnp.ravel(get_in(params, layer.path))
             grid = self.grid(layer, params, quant, consts)
-            stats = _cluster_stats(w, grid)
+            if self.has_grid():
+                lo, hi = _range_of(layer, consts)
+                k = get_in(consts, layer.var_path("k"))
+            else:
+                lo, hi, k = jnp.min(w), jnp.max(w), layer.k
+            stats = _cluster_stats(w, grid, 0.01 * (hi - lo) / (k - 1))
             if self.family not in ("none", "gradient_l1"):
                 stats["reg"] = self.layer_value(layer, w, quant, consts)
             out[layer.name] = stats
@@ -289,13 +377,19 @@ def regularizers_grid(family: str, k: int, lo, hi) -> jax.Array:
 
 
 @jax.jit
-def _cluster_stats(w: jax.Array, grid: jax.Array) -> dict[str, jax.Array]:
+def _cluster_stats(w: jax.Array, grid: jax.Array, resolution) -> dict[str, jax.Array]:
+    """Clustering of `w` around a sorted grid (+inf padding allowed at its end)."""
     grid = jnp.sort(grid)
-    index = assign(w, grid)
-    spacing = (grid[-1] - grid[0]) / (grid.shape[0] - 1)
+    valid = jnp.isfinite(grid)
+    k = jnp.sum(valid)
+    index = assign(w, jnp.where(valid, grid, jnp.finfo(grid.dtype).max))
+    top = jnp.max(jnp.where(valid, grid, -jnp.inf))
+    spacing = (top - grid[0]) / jnp.maximum(k - 1, 1)
     used = jnp.zeros(grid.shape, bool).at[index].set(True)
+    # A value within `resolution` of the previous one is the same cluster centre.
+    distinct = jnp.concatenate([jnp.ones((1,), bool), jnp.diff(grid) > resolution])
     return {
-        "live": jnp.sum(used),
+        "live": jnp.sum(used & distinct & valid),
         "rel_dist": jnp.mean(jnp.abs(w - grid[index])) / jnp.maximum(spacing, 1e-30),
         "grid": grid,
     }
@@ -326,8 +420,18 @@ def _range_of(layer: LayerSpec, consts: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def first_match(overrides, name: str, default):
-    """The value of the first (regex, value) override whose regex matches `name`."""
-    return next((value for pattern, value in overrides if re.search(pattern, name)), default)
+    """The value of the first (regex, value) override whose regex fully matches `name`."""
+    return next((value for pattern, value in overrides if re.fullmatch(pattern, name)), default)
+
+
+def check_rules_match(overrides, names: list[str], what: str) -> None:
+    """Refuses an override whose regex fully matches none of `names`."""
+    for pattern, _ in overrides:
+        if not any(re.fullmatch(pattern, n) for n in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(
+                f"{what} rule {pattern!r} fully matches none of the selected layers ({shown})"
+            )
 
 
 def _check_range(what: str, value, lo, hi) -> None:

@@ -8,7 +8,7 @@ can call them on any array, and `jax.grad` works through all of them.
 Every rho here is a squared distance in weight units near its minima, so a coefficient lambda
 means the same for every family: a weight decay towards the grid instead of towards 0.
 
-Families (formulas in ../shared/docs/regularizers.md):
+Families (formulas in docs/regularizers.md):
   - static, no parameters: `sine`, `cosine` (K zeros inside [lo, hi], none outside it);
   - dynamic, over trainable representatives ``reps``: `nearest`, `softmin`;
   - R^2 range regularization baselines: `linf`, `margin`, `soft_min_max`;
@@ -117,7 +117,9 @@ def nearest_index(w: jax.Array, reps: jax.Array) -> jax.Array:
     return jnp.argmin((w[..., None] - reps) ** 2, axis=-1)
 
 
-def nearest(w: jax.Array, reps: jax.Array, *, reduction: str = "sum") -> jax.Array:
+def nearest(
+    w: jax.Array, reps: jax.Array, *, mask: jax.Array | None = None, reduction: str = "sum"
+) -> jax.Array:
     r"""Dynamic "nearest" regularizer (the paper's RM): squared distance to the nearest rep.
 
     .. math::
@@ -129,31 +131,52 @@ def nearest(w: jax.Array, reps: jax.Array, *, reduction: str = "sum") -> jax.Arr
     Args:
       w: weights, any shape.
       reps: the layer's K representatives, shape (K,), in any order.
+      mask: optional (K,) booleans: only the representatives where it is True count (the
+        layer machinery pads representatives to a fixed size, so K can change without a
+        recompilation).
       reduction: "sum", "mean" or "none".
     """
-    chosen = jnp.take(reps, jax.lax.stop_gradient(nearest_index(w, reps)))
+    distance = (w[..., None] - reps) ** 2
+    if mask is not None:
+        distance = jnp.where(mask, distance, jnp.inf)
+    index = jax.lax.stop_gradient(jnp.argmin(distance, axis=-1))
+    chosen = jnp.take(reps, index)
     return _reduce((w - chosen) ** 2, reduction)
 
 
-def softmin(w: jax.Array, reps: jax.Array, *, temperature, reduction: str = "sum") -> jax.Array:
+def softmin(
+    w: jax.Array,
+    reps: jax.Array,
+    *,
+    temperature,
+    mask: jax.Array | None = None,
+    reduction: str = "sum",
+) -> jax.Array:
     r"""Dynamic "softmin" regularizer (the paper's RE): an exponential soft minimum.
 
     .. math::
       \rho_E(w; c) = -\tau \log\Big(\frac{1}{K} \sum_k e^{-(w - c_k)^2 / \tau}\Big)
 
     with tau = `temperature` in squared weight units (the layer machinery sets
-    tau = t h^2 from the dimensionless t). min_k (w-c_k)^2 <= rho <= min_k (w-c_k)^2 +
-    tau log K, so rho >= 0 and tau -> 0 recovers `nearest`. Every representative receives
-    gradient weighted by its soft responsibility for the weight, as in DKM.
+    tau = t h^2 from the dimensionless t and the representatives' own mean spacing h, so
+    the softness stays the same relative to the clusters as the weights shrink or grow).
+    min_k (w-c_k)^2 <= rho <= min_k (w-c_k)^2 + tau log K, so rho >= 0 and tau -> 0
+    recovers `nearest`. Every representative receives gradient weighted by its soft
+    responsibility for the weight, as in DKM.
 
     Args:
       w: weights, any shape.
       reps: representatives, shape (K,).
       temperature: tau > 0.
+      mask: optional (K,) booleans, as in `nearest`; K is then the number of True entries.
       reduction: "sum", "mean" or "none".
     """
-    k = reps.shape[-1]
     logits = -((w[..., None] - reps) ** 2) / temperature
+    if mask is None:
+        k = reps.shape[-1]
+    else:
+        k = jnp.sum(mask)
+        logits = jnp.where(mask, logits, -jnp.inf)
     rho = -temperature * (jax.nn.logsumexp(logits, axis=-1) - jnp.log(k))
     return _reduce(rho, reduction)
 

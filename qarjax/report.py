@@ -50,8 +50,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_weights(path: Path, params: dict, quantized: dict, title: str) -> None:
-    """One histogram per quantized layer, its codebook marked with vertical lines."""
+def plot_weights(path: Path, params: dict, quantized: dict, title: str, tuned=None) -> None:
+    """One histogram per quantized layer with the grid it was quantized to (red lines: the
+    grid the weights were trained towards, or the k-means centroids of a plain model) and,
+    if given, the codebook after tuning (blue dashes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,6 +68,9 @@ def plot_weights(path: Path, params: dict, quantized: dict, title: str) -> None:
         ax.hist(w, bins=120, color="0.35")
         for value in np.asarray(layer.codebook):
             ax.axvline(value, color="tab:red", lw=1)
+        if tuned is not None:
+            for value in np.asarray(tuned[name].codebook):
+                ax.axvline(value, color="tab:blue", lw=1, ls="--")
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
@@ -76,14 +81,17 @@ def plot_weights(path: Path, params: dict, quantized: dict, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(workdir: Path, report: dict, fit_result, quantized: dict) -> None:
+def write_report(workdir: Path, report: dict, fit_result, quantized: dict, tuned: dict) -> None:
+    """report.json, report.md and weights.png (trained weights, the grid they were quantized
+    to from `quantized`, and the tuned codebooks from `tuned`)."""
     from qarjax.loop import write_json_atomic
 
     workdir = Path(workdir)
     write_json_atomic(workdir / "report.json", to_python(report))
     (workdir / "report.md").write_text(markdown(report))
     title = (
-        f"{report['model']}, {report['regularizer']}: trained weights and the "
-        f"{report['method']} codebooks (red)"
+        f"{report['model']}, {report['regularizer']}: trained weights, the {report['method']} "
+        "grid (red) and the codebooks after tuning (blue dashes)"
     )
-    plot_weights(workdir / "weights.png", jax.device_get(fit_result.state.params), quantized, title)
+    params = jax.device_get(fit_result.state.params)
+    plot_weights(workdir / "weights.png", params, quantized, title, tuned)

@@ -5,7 +5,9 @@ the kernel, variables named after it:
 
   - ``kernel_reps``: `Representatives`, the K trainable cluster centres (dynamic families);
   - ``kernel_margin`` / ``kernel_alpha``: `QuantParam` scalars for the R^2 baselines;
-  - ``kernel_range``: `GridRange`, the [lo, hi] fixed when regularization starts (not trained).
+  - ``kernel_range``: `GridRange`, the [lo, hi] fixed when regularization starts (not trained);
+  - ``kernel_k``: `GridSize`, the layer's K (an int32 scalar: data, so one compiled step
+    serves every K; the representatives are padded to a fixed length and masked beyond it).
 
 `QuantParam` subclasses `nnx.Param`, so these are checkpointed with the model and appear in
 the parameter tree a user inspects, while ``nnx.split(model, QuantParam, ...)`` separates them
@@ -13,6 +15,8 @@ so that optax can give them their own optimizer (see `qarjax.optim`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +39,19 @@ class Representatives(QuantParam):
     """A layer's K trainable representatives (cluster centres), shape (K,)."""
 
 
-class GridRange(nnx.Variable):
+class QuantConst(nnx.Variable):
+    """A non-trainable quantization variable, fixed when regularization starts."""
+
+
+class GridRange(QuantConst):
     """A layer's grid range [lo, hi], fixed when regularization starts; shape (2,)."""
 
 
+class GridSize(QuantConst):
+    """A layer's number of quantization levels K (int32 scalar)."""
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "given"))
 def grid_range(w: jax.Array, mode: str = "quantile", given: tuple[float, float] | None = None):
     """The grid range [lo, hi] of a layer's weights, as a (2,) array.
 
@@ -66,6 +79,7 @@ def grid_range(w: jax.Array, mode: str = "quantile", given: tuple[float, float] 
     return jnp.stack([lo, hi])
 
 
+@functools.partial(jax.jit, static_argnames=("k", "method"))
 def init_representatives(w: jax.Array, k: int, method: str, lo, hi) -> jax.Array:
     """K starting representatives for a layer: ``kmeans`` (1-D k-means of w, the default),
     ``quantile`` (the K mid-bin quantiles of w) or ``uniform`` (the sine grid over [lo, hi])."""

@@ -30,7 +30,7 @@ from qarjax.errors import ConfigError, NonFiniteLossError
 from qarjax.models import create_model
 from qarjax.optim import make_optimizer, reset_quant_state
 from qarjax.regularization import Regularization
-from qarjax.representatives import GridRange, QuantParam
+from qarjax.representatives import QuantConst, QuantParam
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -69,8 +69,21 @@ def put_replicated(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
-def largest_divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+SCAN_MODES = ("auto", "scan", "unroll")
+
+
+def chunking(batches: int, wanted: int) -> tuple[int, int]:
+    """(steps per jitted call, steps per epoch) for an epoch of `batches` full batches.
+
+    Every call runs the same number of steps, so the step compiles once: the epoch is cut
+    into ceil(batches / wanted) equal chunks and the last `batches mod chunks` batches are
+    dropped (fewer than the number of chunks; the data order changes every epoch, so no image
+    is always left out). A largest-divisor rule would fall to 1 step per call when the
+    batch count is prime (CIFAR-10 at batch 512: 97), a host round trip per step.
+    """
+    chunks = -(-batches // max(1, min(wanted, batches)))
+    size = batches // chunks
+    return size, size * chunks
 
 
 class Trainer:
@@ -94,7 +107,7 @@ class Trainer:
         mesh: the devices (default: all).
         tx: an optimizer replacing the config's (e.g. codebook tuning, qarjax.tune).
         """
-        self.config = config
+        self.config = config = config.copy_and_resolve_references()  # later edits: not ours
         self.dataset = dataset
         self.mesh = mesh or make_mesh()
         n_dev = self.mesh.devices.size
@@ -109,18 +122,21 @@ class Trainer:
                 f"unknown compute_dtype {config.compute_dtype!r}: choose one of {sorted(DTYPES)}"
             )
         n_train = len(dataset.train_labels)
-        self.steps_per_epoch = n_train // config.batch_size
-        if self.steps_per_epoch == 0:
+        batches = n_train // config.batch_size
+        if batches == 0:
             raise ConfigError(
                 f"batch_size {config.batch_size} exceeds the {n_train} training images"
             )
+        if config.scan_mode not in SCAN_MODES:
+            raise ConfigError(f"unknown scan_mode {config.scan_mode!r}: choose one of {SCAN_MODES}")
         # XLA:CPU runs convolutions inside a while loop ~30x slower than outside one
         # (jax-ml/jax#12868, measured here: 7.3 s against 0.26 s per small-CNN step), and on
         # a CPU host round trips cost nothing: so there the steps of a call are unrolled in
         # Python (default 1 per call); on accelerators they run in lax.scan (default 50).
-        self.use_scan = self.mesh.devices.flat[0].platform != "cpu"
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        self.use_scan = config.scan_mode == "scan" or (config.scan_mode == "auto" and not on_cpu)
         wanted = config.scan_steps if config.scan_steps > 0 else (50 if self.use_scan else 1)
-        self.scan_steps = largest_divisor_at_most(self.steps_per_epoch, wanted)
+        self.scan_steps, self.steps_per_epoch = chunking(batches, wanted)
         self.dtype = DTYPES[config.compute_dtype]
 
         model = create_model(
@@ -133,12 +149,12 @@ class Trainer:
         )
         plain = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         self.reg = Regularization.from_config(
-            config.reg, plain, steps_per_epoch=self.steps_per_epoch
+            config.reg, plain, steps_per_epoch=self.steps_per_epoch, num_epochs=config.num_epochs
         )
         if self.reg.active:
             self.reg.attach(model)
         self.graphdef, quant, params, consts, batch_stats, rest = nnx.split(
-            model, QuantParam, nnx.Param, GridRange, nnx.BatchStat, ...
+            model, QuantParam, nnx.Param, QuantConst, nnx.BatchStat, ...
         )
         if jax.tree.leaves(rest):
             raise ValueError("models must keep no state besides params and batch stats")
@@ -161,6 +177,7 @@ class Trainer:
         self._evaluate = jax.jit(self._evaluate_impl)
         self._epoch_order = jax.jit(self._epoch_order_impl)
         self._reg_metrics = jax.jit(lambda p, q, c: self.reg.metrics(p, q, c))
+        self._batch_statistics = jax.jit(self._batch_statistics_impl)
 
     # ------------------------------------------------------------------ data
     def _place_data(self) -> None:
@@ -200,12 +217,16 @@ class Trainer:
         )
         return put_replicated(state, self.mesh)
 
-    def start_regularization(self, state: TrainState) -> TrainState:
-        """Fixes the grid ranges, initializes the representatives from the current weights and
-        resets their optimizer state (called once, at reg.start_epoch)."""
+    def start_regularization(self, state: TrainState, ks: dict[str, int] | None = None):
+        """Fixes the grid ranges and K, initializes the representatives from the current
+        weights and resets their optimizer state (called once, at reg.start_epoch).
+
+        `ks`: K per layer (`self.reg.ks_for(config.reg)`; default: this trainer's config).
+        The train step reads K as data, so another K compiles nothing new.
+        """
         if not self.reg.active:
             return state
-        quant, consts = self.reg.initialize(state.params, state.quant, state.consts)
+        quant, consts = self.reg.initialize(state.params, state.quant, state.consts, ks)
         trainable = {"params": state.params, "quant": quant}
         opt_state = reset_quant_state(self.tx, state.opt_state, trainable)
         new = state.replace(quant=quant, consts=consts, opt_state=opt_state)
@@ -339,6 +360,27 @@ class Trainer:
             "reg": float(totals["reg"]) / steps,
             "accuracy": float(totals["correct"]) / (steps * self.config.batch_size),
         }
+
+    def _batch_statistics_impl(self, params, quant, consts, batch_stats, data, idx, key):
+        model = nnx.merge(self.graphdef, quant, params, consts, batch_stats)
+        modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
+        for _, module in modules:
+            if isinstance(module, nnx.BatchNorm):
+                module.momentum = 0.0  # the module then reports this batch's statistics
+        images = jax.lax.with_sharding_constraint(data["train_images"][idx], self.batch_sharding)
+        aug_key, dropout_key = jax.random.split(key)
+        # Train mode as in training: augmented images, and dropout active (VGG16 has dropout
+        # after its last batch norm; train mode without dropout rngs is an error in NNX).
+        model(self._prepare(images, data, aug_key), train=True, rngs=nnx.Rngs(dropout=dropout_key))
+        return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    def batch_statistics(self, state: TrainState, params, indices, key) -> dict:
+        """The batch-norm statistics of one training batch (`indices` into the training set)
+        under `params`, in train mode (augmentation and dropout as in training)."""
+        idx = jnp.asarray(indices, jnp.int32)
+        return self._batch_statistics(
+            params, state.quant, state.consts, state.batch_stats, self.data, idx, key
+        )
 
     # ------------------------------------------------------------------ eval
     def _evaluate_impl(self, params, quant, consts, batch_stats, data, images, labels, mask):

@@ -29,7 +29,7 @@ def _reg(**changes) -> ml_collections.ConfigDict:
 def test_selects_kernels_with_overrides():
     params = _params(create_model("cnn_small", num_classes=10))
     reg = Regularization.from_config(
-        _reg(family="nearest", k=4, lam=0.1, k_overrides="fc=2", lam_overrides="conv1/=0.5"),
+        _reg(family="nearest", k=4, lam=0.1, k_overrides="fc.*=2", lam_overrides="conv1/.*=0.5"),
         params,
         steps_per_epoch=10,
     )
@@ -41,6 +41,36 @@ def test_selects_kernels_with_overrides():
         "fc1/kernel": (2, 0.1),
         "fc2/kernel": (2, 0.1),
     }
+
+
+def test_overrides_full_match_and_a_rule_that_matches_nothing_is_refused():
+    params = {"features": {str(i): {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}} for i in range(13)}}
+    reg = Regularization.from_config(
+        _reg(family="nearest", k=4, k_overrides=r"features/1/conv/kernel=2"),
+        params,
+        steps_per_epoch=1,
+    )
+    ks = {s.name: s.k for s in reg.layers}
+    assert ks["features/1/conv/kernel"] == 2
+    assert all(k == 4 for name, k in ks.items() if name != "features/1/conv/kernel")  # not 10..12
+    with pytest.raises(ConfigError, match=r"reg.k_overrides rule 'features/1' fully matches none"):
+        Regularization.from_config(
+            _reg(family="nearest", k_overrides="features/1=2"), params, steps_per_epoch=1
+        )
+    with pytest.raises(ConfigError, match=r"reg.lam_overrides rule 'fc9.*' fully matches none"):
+        Regularization.from_config(
+            _reg(family="nearest", lam_overrides="fc9.*=1"), params, steps_per_epoch=1
+        )
+
+
+def test_a_regularizer_that_would_never_start_is_refused():
+    params = _params(create_model("cnn_small", num_classes=10))
+    with pytest.raises(ConfigError, match=r"reg.start_epoch=5 is not before num_epochs=5"):
+        Regularization.from_config(
+            _reg(family="sine", start_epoch=5), params, steps_per_epoch=1, num_epochs=5
+        )
+    # a plain run may keep any start epoch
+    Regularization.from_config(_reg(start_epoch=5), params, steps_per_epoch=1, num_epochs=5)
 
 
 def test_representatives_live_in_the_model_state_with_their_own_type():
@@ -113,7 +143,7 @@ def test_bad_config_is_refused(changes, message):
 def test_penalty_is_lambda_times_sum_of_layer_terms():
     model = create_model("cnn_small", num_classes=10)
     reg = Regularization.from_config(
-        _reg(family="sine", k=4, lam=0.3, lam_overrides="fc2=2.0"),
+        _reg(family="sine", k=4, lam=0.3, lam_overrides="fc2/kernel=2.0"),
         _params(model),
         steps_per_epoch=1,
     )
