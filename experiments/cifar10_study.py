@@ -2,21 +2,34 @@
 
 Methods: `none` (a plain model, quantized by k-means and by a uniform grid), the static
 `sine` / `cosine` and dynamic `nearest` / `softmin` regularizers (quantized to their own grid),
-and the baselines R^2 `linf` and `gradient_l1` (quantized by k-means). A model whose training
-does not depend on K (none, linf, gradient_l1) is trained once per seed and quantized at every
-K. Each finished cell is saved as JSON under --workdir, so a rerun skips it (the study resumes).
+and the baselines R^2 `linf` and `gradient_l1` (quantized by k-means).
+
+How the sweep spends its time:
+  - shared pre-training: per (model, seed) one plain run; every regularized run branches off
+    its checkpoint at reg.start_epoch (`config.branch_from`) and trains only the regularized
+    phase (``--from-scratch`` trains each from epoch 0 instead);
+  - one compiled train step per (model, family): K is data in the step, so the runs of a
+    family at K = 2..16 share one `Trainer`; one tuning trainer per model;
+  - a run whose training does not depend on K (none, linf, gradient_l1) is trained once and
+    quantized at every K;
+  - each finished (model, method, K, seed) cell is saved as JSON under --workdir, so a rerun
+    skips it; ``--max-minutes`` stops before a cell that would not fit, so a time-limited
+    command always leaves finished cells, and the next invocation resumes;
+  - ``--plan`` lists the cells in order and projects the time (see `project`).
 
     # CPU scale (the demo model on the embedded cifar10_mini):
-    python experiments/cifar10_study.py --scale cpu --out results/cifar10_cpu
-    # The GPU study on the shared CIFAR-10 archive:
-    python experiments/cifar10_study.py --scale gpu --out results/cifar10 \
+    python experiments/cifar10_study.py --scale cpu --out results/cifar10_cpu_shared
+    # The GPU study on the shared CIFAR-10 archive, in commands of at most 9 minutes:
+    python experiments/cifar10_study.py --scale gpu --out results/cifar10 --max-minutes 8 \
         --dataset imagefolder:../shared/data/cifar10-jpeg.tar.gz
+    python experiments/cifar10_study.py --scale gpu --plan
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import shlex
 import statistics
@@ -25,80 +38,248 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from qarjax.compress import size_report
 from qarjax.config import load_config
+from qarjax.data import load_dataset
 from qarjax.loop import fit
-from qarjax.pipeline import quantize_stage, tune_stage
+from qarjax.pipeline import quantize_stage, tune_stage, tuning_trainer
+from qarjax.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 K_FREE = ("none", "linf", "gradient_l1")  # training does not depend on K
 SCALES = {
-    "cpu": {"models": ["cnn_small"], "config": "demo.py", "ks": [2, 4, 8]},
-    "gpu": {"models": ["alexnet", "vgg16"], "config": None, "ks": [2, 4, 8, 16]},
-}
+    "cpu": {"models": ["cnn_small"], "config": "demo.py", "ks": [2, 4, 8], "train_size": 5000},
+    "gpu": {"models": ["vgg16", "alexnet"], "config": None, "ks": [2, 4, 8, 16],
+            "train_size": 50000},
+}  # fmt: skip
+K_GROUPS = ([4, 2], [8, 16])  # the most telling K first (for every model), then the rest
 METHODS = ["none", "sine", "cosine", "nearest", "softmin", "linf", "gradient_l1"]
+BASELINE_LAMBDA = {"linf": 0.01, "gradient_l1": 0.01}
+# Step-time factors over the plain step, for --plan: measured on the 2-core CPU with
+# cnn_small (experiments/bench_regularizers.py: the paper's families 1.02-1.16 at K <= 32,
+# linf 1.02, gradient_l1 3.79). On a GPU they are unmeasured: these are the assumption.
+STEP_FACTOR = {"gradient_l1": 3.8}
+DEFAULT_STEP_FACTOR = 1.1
 
 
-def base_config(model: str, family: str, scale: str, args):
-    name = SCALES[scale]["config"] or f"{model}_cifar10.py"
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One row of the table: a model trained with `family`, quantized at K by `method`."""
+
+    model: str
+    family: str
+    k: int
+    seed: int
+    method: str = "auto"  # the plain model: kmeans or uniform
+
+    @property
+    def label(self) -> str:
+        return self.family if self.family != "none" else f"none+{self.method}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.label}_k{self.k}_s{self.seed}"
+
+    @property
+    def training(self) -> tuple:
+        """The training run this cell quantizes (shared by the cells of a K-free family)."""
+        return self.model, self.family, self.seed, None if self.family in K_FREE else self.k
+
+
+def ordered_cells(args) -> list[Cell]:
+    """Every cell, the most telling first: per K group (K = 4, 2, then 8, 16), per model."""
+    groups = [[k for k in g if k in args.ks] for g in K_GROUPS]
+    groups = [g for g in groups if g] + [[k for k in args.ks if all(k not in g for g in groups)]]
+    out = []
+    for group in filter(None, groups):
+        for model in args.models:
+            for seed in range(args.seeds):
+                for k in group:
+                    for family in args.methods:
+                        methods = ["kmeans", "uniform"] if family == "none" else ["auto"]
+                        out += [Cell(model, family, k, seed, m) for m in methods]
+    return out
+
+
+def base_config(model: str, family: str, args):
+    name = SCALES[args.scale]["config"] or f"{model}_cifar10.py"
     config = load_config(str(ROOT / "configs" / name), family)
     config.model, config.progress, config.tensorboard = model, False, False
     if args.dataset:
         config.dataset = args.dataset
-    if args.epochs:
+    if args.epochs:  # the regularized phase keeps its share of the run
+        share = config.reg.start_epoch / config.num_epochs
         config.num_epochs = args.epochs
-    if family in ("linf", "gradient_l1"):
-        config.reg.lam = {"linf": 0.01, "gradient_l1": 0.01}[family]
+        config.reg.start_epoch = min(max(1, round(share * args.epochs)), args.epochs - 1)
+    if family in BASELINE_LAMBDA:
+        config.reg.lam = BASELINE_LAMBDA[family]
+    config.reg.k_max = max(args.ks)
+    config.keep_period = config.reg.start_epoch  # the plain run keeps the branch point
     return config
 
 
-def run_cell(model, family, k_train, seed, ks, scale, args, workdir: Path) -> list[dict]:
-    """Trains one model and quantizes it at each K in `ks`; returns one row per (method, K)."""
-    config = base_config(model, family, scale, args)
-    config.seed = seed
-    if k_train:
-        config.reg.k = k_train
-    run_dir = workdir / f"{model}_{family}_k{k_train or 'any'}_s{seed}"
-    began = time.perf_counter()
-    result = fit(config, run_dir / "train", overwrite=True)
-    train_seconds = time.perf_counter() - began
-    rows = []
-    quant_methods = ["kmeans", "uniform"] if family == "none" else ["auto"]
-    for k in ks:
-        for method in quant_methods:
-            config.quant.method, config.quant.k = method, k
-            t0 = time.perf_counter()
-            q = quantize_stage(result.trainer, result.state, config)
-            t1 = time.perf_counter()
-            t = tune_stage(
-                config, result.trainer.dataset, q["params"], q["batch_stats"], q["quantized"]
+class Sweep:
+    """Runs cells, reusing trained runs, trainers (compiled steps) and the loaded data."""
+
+    def __init__(self, args):
+        self.args = args
+        self.workdir = Path(args.workdir)
+        self.dataset = None
+        self.trainers: dict = {}  # (model, family, seed) -> Trainer
+        self.tuners: dict = {}  # model -> tuning Trainer
+        self.runs: dict = {}  # Cell.training -> (FitResult, own train seconds)
+
+    def data(self, config):
+        if self.dataset is None:
+            self.dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+        return self.dataset
+
+    def config_for(self, cell: Cell):
+        config = base_config(cell.model, cell.family, self.args)
+        config.seed = cell.seed
+        config.reg.k = cell.k
+        return config
+
+    def train(self, cell: Cell, config):
+        """The trained run of `cell` (trained now, restored from its workdir, or cached)."""
+        if cell.training in self.runs:
+            return self.runs[cell.training]
+        shared = cell.family != "none" and not self.args.from_scratch
+        if shared:  # the plain run it branches off comes first
+            plain = Cell(cell.model, "none", cell.k, cell.seed, "kmeans")
+            self.train(plain, self.config_for(plain))
+            config.branch_from = str(self.run_dir(plain.training))
+        key = (cell.model, cell.family, cell.seed)
+        if key not in self.trainers:
+            self.trainers[key] = Trainer(config, self.data(config))
+        # resume: a finished run is restored, a killed one continues from its checkpoint.
+        result = fit(config, self.run_dir(cell.training), resume=True, trainer=self.trainers[key])
+        self.runs[cell.training] = (result, result.summary["train_seconds"])
+        return self.runs[cell.training]
+
+    def run_dir(self, training) -> Path:
+        model, family, seed, k = training
+        return self.workdir / f"{model}_{family}_k{k or 'any'}_s{seed}" / "train"
+
+    def run(self, cell: Cell) -> dict:
+        config = self.config_for(cell)
+        result, train_seconds = self.train(cell, config)
+        config.quant.method, config.quant.k = cell.method, cell.k
+        t0 = time.perf_counter()
+        q = quantize_stage(result.trainer, result.state, config)
+        t1 = time.perf_counter()
+        if cell.model not in self.tuners:
+            self.tuners[cell.model] = tuning_trainer(
+                config, self.data(config), q["quantized"], k_max=max(self.args.ks)
             )
-            t2 = time.perf_counter()
-            sizes = size_report(jax.device_get(t["params"]), t["quantized"])
-            label = family if family != "none" else f"none+{method}"
-            rows.append({
-                "model": model, "method": label, "k": k, "seed": seed,
-                "fp_accuracy": q["fp_accuracy"],
-                "pre_tuning_accuracy": q["pre_tuning_accuracy"],
-                "pre_tuning_accuracy_no_bn": q["pre_tuning_accuracy_no_bn"],
-                "post_tuning_accuracy": t["post_tuning_accuracy"],
-                "compression_ratio": sizes["compression_ratio"],
-                "train_seconds": train_seconds, "quantize_seconds": t1 - t0,
-                "tune_seconds": t2 - t1,
-            })  # fmt: skip
-    return rows
+        t = tune_stage(config, self.data(config), q["params"], q["batch_stats"], q["quantized"],
+                       trainer=self.tuners[cell.model])  # fmt: skip
+        t2 = time.perf_counter()
+        sizes = size_report(jax.device_get(t["params"]), t["quantized"])
+        return {
+            "model": cell.model, "method": cell.label, "k": cell.k, "seed": cell.seed,
+            "fp_accuracy": q["fp_accuracy"],
+            "pre_tuning_accuracy": q["pre_tuning_accuracy"],
+            "pre_tuning_accuracy_no_bn": q["pre_tuning_accuracy_no_bn"],
+            "post_tuning_accuracy": t["post_tuning_accuracy"],
+            "compression_ratio": sizes["compression_ratio"],
+            "live_min": live_levels(q["quantized"]),
+            "shared_pretraining": cell.family != "none" and not self.args.from_scratch,
+            "train_seconds": train_seconds, "quantize_seconds": t1 - t0,
+            "tune_seconds": t2 - t1,
+        }  # fmt: skip
 
 
-def cells(scale, args):
-    for model in args.models or SCALES[scale]["models"]:
-        for seed in range(args.seeds):
-            for family in args.methods:
-                if family in K_FREE:
-                    yield model, family, None, seed, args.ks
-                else:
-                    for k in args.ks:
-                        yield model, family, k, seed, [k]
+def live_levels(quantized: dict) -> int:
+    """The fewest distinct levels in use in any layer (values closer than 1% of the layer's
+    mean spacing count once): below K means the grid collapsed."""
+    fewest = None
+    for layer in quantized.values():
+        codebook = np.sort(np.asarray(jax.device_get(layer.codebook), np.float64))
+        counts = np.bincount(np.ravel(jax.device_get(layer.indices)), minlength=codebook.size)
+        used = codebook[counts > 0]
+        spacing = (codebook[-1] - codebook[0]) / max(codebook.size - 1, 1)
+        n = 1 + int(np.sum(np.diff(used) > 0.01 * spacing)) if used.size else 0
+        fewest = n if fewest is None else min(fewest, n)
+    return int(fewest or 0)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dict:
+    """Projected device seconds of `cells`: training epochs x images / (images/s x the
+    family's step factor), one compile per new train step (one per (model, family, seed)),
+    one tuning compile per model, and per cell the quantize stage (k-means, 3 evaluations,
+    the batch-norm re-estimate) and the tuning epochs."""
+    n_train = args.train_size or SCALES[args.scale]["train_size"]
+    n_test = n_train // 5  # CIFAR-10's ratio; an evaluation runs at about 3x the train rate
+    seen_train, seen_steps, seen_tuners = set(), set(), set()
+    total = {"train": 0.0, "compile": 0.0, "quantize": 0.0, "tune": 0.0}
+    for cell in cells:
+        config = base_config(cell.model, cell.family, args)
+        ips = images_per_second[cell.model]
+        epoch = n_train / ips
+        if cell.training not in seen_train:
+            seen_train.add(cell.training)
+            shared = cell.family != "none" and not args.from_scratch
+            epochs = config.num_epochs - (config.reg.start_epoch if shared else 0)
+            total["train"] += epochs * epoch * STEP_FACTOR.get(cell.family, DEFAULT_STEP_FACTOR)
+            total["train"] += config.num_epochs * (n_test / ips / 3)  # an evaluation per epoch
+            if (cell.model, cell.family, cell.seed) not in seen_steps:
+                seen_steps.add((cell.model, cell.family, cell.seed))
+                total["compile"] += args.compile_seconds
+        if cell.model not in seen_tuners:
+            seen_tuners.add(cell.model)
+            total["compile"] += args.compile_seconds
+        batches = config.quant.batch_stats_batches * config.batch_size
+        total["quantize"] += args.quantize_seconds + 3 * n_test / ips / 3 + batches / ips / 2
+        total["tune"] += config.quant.tune_epochs * epoch + 2 * n_test / ips / 3
+    total["all"] = sum(total.values())
+    return total
+
+
+def measured_rates(models, args) -> dict[str, float]:
+    """Images/s of the plain train step per model, measured here (compile excluded)."""
+    rates = {}
+    for model in models:
+        config = base_config(model, "none", args)
+        trainer = Trainer(config, load_dataset(config.dataset, data_dir=config.data_dir or None))
+        state = trainer.init_state()
+        state, _ = trainer.train_epoch(state, 0)  # compiles
+        jax.block_until_ready(state.params)
+        began = time.perf_counter()
+        state, _ = trainer.train_epoch(state, 1)
+        jax.block_until_ready(state.params)
+        rates[model] = trainer.steps_per_epoch * config.batch_size / (time.perf_counter() - began)
+    return rates
+
+
+def print_plan(cells: list[Cell], args) -> None:
+    if args.images_per_second:
+        rates = {m: float(v) for m, v in (p.split("=") for p in args.images_per_second.split(","))}
+        source = "given"
+    else:
+        rates, source = measured_rates(args.models, args), f"measured on {jax.devices()[0]}"
+    for i, cell in enumerate(cells, 1):
+        print(f"{i:3d}. {cell.name}")
+    total = project(cells, args, rates)
+    print(
+        f"{len(cells)} cells, {len({c.training for c in cells})} trainings; images/s {source}: "
+        + ", ".join(f"{m} {v:,.0f}" for m, v in rates.items())
+    )
+    print(
+        f"projected: {total['all'] / 60:.1f} min (train {total['train'] / 60:.1f}, compile "
+        f"{total['compile'] / 60:.1f} at {args.compile_seconds:g} s each, quantize "
+        f"{total['quantize'] / 60:.1f}, tune {total['tune'] / 60:.1f}); step factors "
+        f"{STEP_FACTOR} else {DEFAULT_STEP_FACTOR}; "
+        f"{'from scratch' if args.from_scratch else 'shared pre-training'}"
+    )
+
+
+# ----------------------------------------------------------------------------- the table
 
 
 def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
@@ -123,7 +304,8 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
                    if r["model"] == model and r["method"] == "none+kmeans"}.values())  # fmt: skip
         lines += [f"## {model}" + (f" (plain full precision {cell(fp)})" if fp else ""), ""]
         lines += [
-            "Test accuracy pre-tuning / post-tuning (full precision of that model), by K:",
+            "Test accuracy pre-tuning / post-tuning (full precision of that model), by K; "
+            "a cell marked *collapsed* uses fewer than K distinct levels in some layer:",
             "",
         ]
         lines += ["| method | " + " | ".join(f"K = {k}" for k in ks) + " |"]
@@ -134,10 +316,12 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
             row = [m]
             for k in ks:
                 g = groups.get((model, m, k), [])
+                collapsed = any(r.get("live_min", k) < k for r in g)
                 row.append(
                     f"{cell([r['pre_tuning_accuracy'] for r in g])} / "
                     f"{cell([r['post_tuning_accuracy'] for r in g])} "
                     f"({cell([r['fp_accuracy'] for r in g])})"
+                    + (" *collapsed*" if collapsed else "")
                     if g
                     else "-"
                 )
@@ -191,7 +375,7 @@ def plot(rows, out: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--models", type=lambda s: s.split(","), default=None)
@@ -201,31 +385,72 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--workdir", default="runs/study")
-    parser.add_argument("--out", default="results/cifar10_cpu")
+    parser.add_argument("--out", default="results/cifar10_cpu_shared")
     parser.add_argument("--note", default="")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train every regularized run from epoch 0 (no shared pre-training)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no cell that would end past this many minutes",
+    )
+    parser.add_argument("--plan", action="store_true", help="list the cells, project the time")
+    parser.add_argument(
+        "--images-per-second", default="", help="for --plan: model=rate,... (default: measure here)"
+    )
+    parser.add_argument("--compile-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--quantize-seconds",
+        type=float,
+        default=1.0,
+        help="for --plan: k-means of one model's layers",
+    )
+    parser.add_argument("--train-size", type=int, default=None)
+    args = parser.parse_args(argv)
     args.ks = args.ks or SCALES[args.scale]["ks"]
+    args.models = args.models or SCALES[args.scale]["models"]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cells = ordered_cells(args)
+    if args.plan:
+        print_plan(cells, args)
+        return 0
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "cells").mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(args)
     began = time.perf_counter()
-    rows = []
-    for model, family, k_train, seed, ks in cells(args.scale, args):
-        done = workdir / f"{model}_{family}_k{k_train or 'any'}_s{seed}.json"
+    longest, rows, stopped = 0.0, [], 0
+    for cell in cells:
+        done = workdir / "cells" / f"{cell.name}.json"
         if done.exists():
-            rows += json.loads(done.read_text())
+            rows.append(json.loads(done.read_text()))
             continue
-        print(f"== {model} {family} K={k_train or ks} seed {seed}", flush=True)
-        cell_rows = run_cell(model, family, k_train, seed, ks, args.scale, args, workdir)
-        done.write_text(json.dumps(cell_rows, indent=1))
-        rows += cell_rows
-        for r in cell_rows:
-            print(
-                f"   K={r['k']} {r['method']}: fp {r['fp_accuracy']:.3f} pre "
-                f"{r['pre_tuning_accuracy']:.3f} post {r['post_tuning_accuracy']:.3f}",
-                flush=True,
-            )
-    summarize(rows, Path(args.out), args, time.perf_counter() - began)
-    print(f"wrote {args.out}.md")
+        elapsed = time.perf_counter() - began
+        # The longest cell so far is the estimate; the first cell always runs (progress).
+        if args.max_minutes is not None and longest and elapsed + longest > 60 * args.max_minutes:
+            stopped += 1
+            continue
+        print(f"== {cell.name}", flush=True)
+        t0 = time.perf_counter()
+        row = sweep.run(cell)
+        longest = max(longest, time.perf_counter() - t0)
+        done.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+        print(f"   fp {row['fp_accuracy']:.3f} pre {row['pre_tuning_accuracy']:.3f} post "
+              f"{row['post_tuning_accuracy']:.3f} live {row['live_min']}", flush=True)  # fmt: skip
+    if rows:
+        summarize(rows, Path(args.out), args, time.perf_counter() - began)
+        print(f"wrote {args.out}.md ({len(rows)} of {len(cells)} cells)")
+    if stopped:
+        print(f"budget of {args.max_minutes} min reached: {stopped} cells left; run the same "
+              "command again to go on")  # fmt: skip
     return 0
 
 

@@ -99,15 +99,27 @@ def tuning_config(config):
     return cfg
 
 
-def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) -> dict:
-    """Retrains the codebooks and float leftovers for config.quant.tune_epochs epochs."""
-    epochs = config.quant.tune_epochs
-    if epochs < 0:
-        raise ConfigError(f"quant.tune_epochs must be >= 0, got {epochs}")
+def tuning_trainer(config, dataset, quantized, k_max: int | None = None) -> Trainer:
+    """The Trainer that tunes the codebooks of `quantized`'s layers (K <= k_max, default the
+    largest K there): reusable for every model quantized at those layers (its step compiles
+    once)."""
     lr = config.quant.tune_learning_rate
     if not lr > 0:
         raise ConfigError(f"quant.tune_learning_rate must be > 0, got {lr}")
-    trainer = trainer or Trainer(tuning_config(config), dataset, tx=codebook_adam(quantized, lr))
+    k_max = k_max or max(layer.k for layer in quantized.values())
+    tx = codebook_adam([layer.path for layer in quantized.values()], lr, k_max=k_max)
+    return Trainer(tuning_config(config), dataset, tx=tx)
+
+
+def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) -> dict:
+    """Retrains the codebooks and float leftovers for config.quant.tune_epochs epochs.
+
+    `trainer`: a `tuning_trainer` to reuse (default: a new one for `quantized`).
+    """
+    epochs = config.quant.tune_epochs
+    if epochs < 0:
+        raise ConfigError(f"quant.tune_epochs must be >= 0, got {epochs}")
+    trainer = trainer or tuning_trainer(config, dataset, quantized)
     state = trainer.init_state(params=params, batch_stats=batch_stats)
     before = trainer.evaluate(state)
     losses = []

@@ -4,7 +4,9 @@ Tuning is expressed as an optimizer, so the ordinary `Trainer` (its jitted, shar
 augmentation and evaluation) runs it unchanged. `codebook_adam` sees the gradient of every
 kernel weight; for a quantized kernel it sums the gradients of the weights that share a
 codeword (the codeword's gradient, since w_i = c[idx_i]), takes an Adam step on the K
-codewords, and hands every weight its codeword's update. All weights of a cluster get the
+codewords, and hands every weight its codeword's update. Weights share a codeword when they
+share a value, so the transform needs only the dequantized params (one tuning trainer serves
+every quantized model of the same architecture and at most k_max levels). All weights of a cluster get the
 same float update in the same order, so a tuned layer still holds exactly K values. Other
 parameters (biases, batch-norm scales, unquantized layers) get plain Adam.
 
@@ -21,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qarjax.quantize import QuantizedLayer
 from qarjax.trees import get_in, set_in
 
 
@@ -30,36 +31,43 @@ class CodebookAdamState(NamedTuple):
     indices: dict  # the fixed cluster index of every quantized weight (int32, per path)
 
 
-def codebook_adam(
-    quantized: dict[str, QuantizedLayer], learning_rate: float
-) -> optax.GradientTransformation:
-    """Adam on the codewords of the quantized kernels and on every other parameter.
+def codewords(w: jax.Array, k_max: int) -> tuple[jax.Array, jax.Array]:
+    """(codebook, indices) of a quantized kernel, read off its values: the sorted distinct
+    values padded to `k_max` with the largest, and each weight's index into them."""
+    flat = jnp.ravel(w)
+    codebook = jnp.unique(flat, size=k_max, fill_value=jnp.max(flat))
+    return codebook, jnp.searchsorted(codebook, flat, side="left").astype(jnp.int32)
 
-    Works on the ``{"params": ..., "quant": ...}`` tree the Trainer optimizes.
+
+def codebook_adam(paths: list, learning_rate: float, *, k_max: int) -> optax.GradientTransformation:
+    """Adam on the codewords of the quantized kernels at `paths` and on every other parameter.
+
+    Works on the ``{"params": ..., "quant": ...}`` tree the Trainer optimizes. The codebooks
+    and indices are read off the (dequantized) params at init, so one transform, and one
+    compiled tuning step, serves every model quantized to at most `k_max` values per layer.
     """
     adam = optax.adam(learning_rate)
-    paths = {("params", *layer.path): layer.k for layer in quantized.values()}
+    paths = [("params", *path) for path in paths]
 
     def reduce(tree, indices):
-        for path, k in paths.items():
-            g = get_in(tree, path)
-            codeword_grad = jax.ops.segment_sum(jnp.ravel(g), jnp.ravel(get_in(indices, path)), k)
-            tree = set_in(tree, path, codeword_grad)
+        for path in paths:
+            g = jnp.ravel(get_in(tree, path))
+            tree = set_in(tree, path, jax.ops.segment_sum(g, get_in(indices, path), k_max))
         return tree
 
     def expand(reduced, indices, like):
         for path in paths:
-            tree_value = jnp.take(get_in(reduced, path), get_in(indices, path))
-            reduced = set_in(reduced, path, tree_value.astype(get_in(like, path).dtype))
+            shaped = jnp.take(get_in(reduced, path), get_in(indices, path))
+            value = shaped.reshape(get_in(like, path).shape).astype(get_in(like, path).dtype)
+            reduced = set_in(reduced, path, value)
         return reduced
 
     def init_fn(params):
-        indices = {}
-        for layer in quantized.values():
-            indices = set_in(indices, ("params", *layer.path), jnp.asarray(layer.indices))
-        codebooks = params
-        for layer in quantized.values():
-            codebooks = set_in(codebooks, ("params", *layer.path), jnp.asarray(layer.codebook))
+        indices, codebooks = {}, params
+        for path in paths:
+            codebook, idx = codewords(get_in(params, path), k_max)
+            indices = set_in(indices, path, idx)
+            codebooks = set_in(codebooks, path, codebook)
         return CodebookAdamState(adam.init(codebooks), indices)
 
     def update_fn(updates, state, params=None):

@@ -1,0 +1,70 @@
+"""The study driver (experiments/cifar10_study.py): order, shared pre-training, one compiled
+step per family across K, the time budget, resume, and the plan's projection."""
+
+import json
+import sys
+
+import pytest
+from helpers import REPO, write_image_folder
+
+from qarjax.metrics import read_jsonl
+
+sys.path.insert(0, str(REPO / "experiments"))
+import cifar10_study as study  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_the_gpu_plan_fits_in_25_minutes(capsys):
+    study.main(["--scale", "gpu", "--plan", "--images-per-second", "vgg16=121000,alexnet=100000"])
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[0].endswith("vgg16_none+kmeans_k4_s0")  # the most telling cells first
+    assert lines[1].endswith("vgg16_none+uniform_k4_s0")
+    first_k8 = next(i for i, line in enumerate(lines) if "_k8_" in line)
+    assert all("_k4_" in line or "_k2_" in line for line in lines[:first_k8])
+    minutes = float(lines[-1].split("projected: ")[1].split(" min")[0])
+    assert minutes <= 25, out
+    study.main(["--scale", "gpu", "--plan", "--images-per-second", "vgg16=121000,alexnet=100000",
+                "--from-scratch"])  # fmt: skip
+    scratch = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(scratch.split("projected: ")[1].split(" min")[0]) > minutes
+
+
+def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "imgs", per_class=(64, 8), size=16)
+    common = [
+        "--scale", "cpu", "--methods", "none,sine,softmin", "--ks", "2,4", "--epochs", "2",
+        "--dataset", f"imagefolder:{folder}", "--workdir", str(tmp_path / "w"),
+        "--out", str(tmp_path / "out" / "table"),
+    ]  # fmt: skip
+    study.main([*common, "--max-minutes", "0"])  # the budget lets exactly one cell run
+    assert len(list((tmp_path / "w" / "cells").glob("*.json"))) == 1
+    assert "budget of 0.0 min reached" in capsys.readouterr().out
+
+    args = study.parse_args(common)
+    sweep = study.Sweep(args)
+    rows = [sweep.run(cell) for cell in study.ordered_cells(args)]
+    assert [r["method"] for r in rows[:4]] == ["none+kmeans", "none+uniform", "sine", "softmin"]
+    assert {r["k"] for r in rows} == {2, 4} and len(rows) == 8
+    for family in ("sine", "softmin"):  # K = 4 and K = 2 ran on one compiled step
+        assert sweep.trainers[("cnn_small", family, 0)].trace_count == 1
+    assert sweep.tuners["cnn_small"].trace_count == 1
+    for row in rows:
+        assert row["live_min"] == row["k"], row  # no collapsed cell, softmin K = 2 included
+        assert row["shared_pretraining"] == (row["method"] in ("sine", "softmin"))
+    epochs_trained = {  # the branched runs trained only the regularized epoch
+        training: len(read_jsonl(sweep.run_dir(training) / "metrics.jsonl"))
+        for training in sweep.runs
+    }
+    assert epochs_trained[("cnn_small", "none", 0, None)] == 2
+    assert epochs_trained[("cnn_small", "softmin", 0, 2)] == 1
+
+    study.main(common)  # finishes the sweep, reusing the cell and the trained runs on disk
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| softmin |" in table and ") *collapsed*" not in table
+    header = (tmp_path / "out" / "table.csv").read_text().splitlines()[0]
+    for column in ("train_seconds", "quantize_seconds", "tune_seconds", "live_min"):
+        assert column in header
+    cells = list((tmp_path / "w" / "cells").glob("*.json"))
+    assert len(cells) == 8 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
