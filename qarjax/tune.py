@@ -6,8 +6,9 @@ kernel weight; for a quantized kernel it sums the gradients of the weights that 
 codeword (the codeword's gradient, since w_i = c[idx_i]), takes an Adam step on the K
 codewords, and hands every weight its codeword's update. Weights share a codeword when they
 share a value, so the transform needs only the dequantized params (one tuning trainer serves
-every quantized model of the same architecture and at most k_max levels). All weights of a cluster get the
-same float update in the same order, so a tuned layer still holds exactly K values. Other
+every quantized model of the same architecture and at most k_max levels). All weights of a
+cluster get the same float update in the same order, so a tuned layer still holds exactly K
+values. Other
 parameters (biases, batch-norm scales, unquantized layers) get plain Adam.
 
 `recompute_batch_stats` re-estimates batch-norm statistics for quantized weights: forward
