@@ -23,7 +23,7 @@ from qarjax.checkpoint import Checkpointer
 from qarjax.data import load_dataset
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
 from qarjax.loop import FitResult, TrainState, fit, restore_latest, write_json_atomic
-from qarjax.quantize import METHODS, layers_from_params, quantize_params
+from qarjax.quantize import METHODS, check_k, layers_from_params, quantize_params
 from qarjax.regularization import DYNAMIC, STATIC, first_match, parse_overrides, select_layers
 from qarjax.report import write_report
 from qarjax.train import Trainer
@@ -34,6 +34,8 @@ from qarjax.tune import codebook_adam, recompute_batch_stats
 def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
     """(method, [(path, K)]) from config.quant, defaulting to the regularizer's layers and K."""
     q = config.quant
+    if q.k != -1:
+        check_k(q.k)
     method = q.method
     if method == "auto":
         method = "nearest" if config.reg.family in STATIC + DYNAMIC else "kmeans"

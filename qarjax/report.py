@@ -50,10 +50,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_weights(path: Path, params: dict, quantized: dict, title: str, tuned=None) -> None:
+def plot_weights(path: Path, params: dict, quantized: dict, title: str, tuned=None) -> dict:
     """One histogram per quantized layer with the grid it was quantized to (red lines: the
     grid the weights were trained towards, or the k-means centroids of a plain model) and,
-    if given, the codebook after tuning (blue dashes)."""
+    if given, the codebook after tuning (blue dashes). Returns the lines drawn per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,13 +63,16 @@ def plot_weights(path: Path, params: dict, quantized: dict, title: str, tuned=No
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    drawn = {}
     for ax, (name, layer) in zip(axes.flat, quantized.items(), strict=False):
         w = np.asarray(get_in(params, layer.path)).ravel()
         ax.hist(w, bins=120, color="0.35")
-        for value in np.asarray(layer.codebook):
+        drawn[name] = {"grid": np.asarray(layer.codebook).tolist()}
+        for value in drawn[name]["grid"]:
             ax.axvline(value, color="tab:red", lw=1)
         if tuned is not None:
-            for value in np.asarray(tuned[name].codebook):
+            drawn[name]["tuned"] = np.asarray(tuned[name].codebook).tolist()
+            for value in drawn[name]["tuned"]:
                 ax.axvline(value, color="tab:blue", lw=1, ls="--")
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -79,6 +82,7 @@ def plot_weights(path: Path, params: dict, quantized: dict, title: str, tuned=No
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return drawn
 
 
 def write_report(workdir: Path, report: dict, fit_result, quantized: dict, tuned: dict) -> None:
@@ -87,11 +91,11 @@ def write_report(workdir: Path, report: dict, fit_result, quantized: dict, tuned
     from qarjax.loop import write_json_atomic
 
     workdir = Path(workdir)
-    write_json_atomic(workdir / "report.json", to_python(report))
-    (workdir / "report.md").write_text(markdown(report))
     title = (
         f"{report['model']}, {report['regularizer']}: trained weights, the {report['method']} "
         "grid (red) and the codebooks after tuning (blue dashes)"
     )
     params = jax.device_get(fit_result.state.params)
-    plot_weights(workdir / "weights.png", params, quantized, title, tuned)
+    report["codebooks"] = plot_weights(workdir / "weights.png", params, quantized, title, tuned)
+    write_json_atomic(workdir / "report.json", to_python(report))
+    (workdir / "report.md").write_text(markdown(report))

@@ -36,7 +36,13 @@ def test_whole_pipeline_on_every_model(model, tiny_config, tmp_path):
         assert 0.0 <= report[key] <= 1.0
     assert json.loads((tmp_path / "report.json").read_text())["model"] == model
 
+    # weights.png draws the grid the weights were trained towards, and the tuned codebooks
+    drawn = json.loads((tmp_path / "report.json").read_text())["codebooks"]
+    before = compress.load(tmp_path / "quantized.qarjax").layers
     artifact = compress.load(tmp_path / "tuned.qarjax")
+    for name, lines in drawn.items():
+        np.testing.assert_allclose(lines["grid"], np.asarray(before[name].codebook), rtol=1e-6)
+        np.testing.assert_allclose(lines["tuned"], np.asarray(artifact.layers[name].codebook))
     params = artifact.params()
     for layer in artifact.layers.values():
         assert np.unique(np.asarray(layer.dequantize())).size <= 4

@@ -1,6 +1,8 @@
 """`qarjax run | quantize | tune | eval` end to end on a tiny image folder."""
 
 import json
+import re
+import shutil
 
 import pytest
 from helpers import run_cli, write_image_folder
@@ -62,7 +64,7 @@ def test_bad_quantization_config(trained, extra, message):
     result = run_cli("quantize", *args, f"--config.dataset=imagefolder:{folder}", *BASE, *extra)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("qarjax: error: ")
-    assert __import__("re").search(message, result.stderr), result.stderr
+    assert re.search(message, result.stderr), result.stderr
 
 
 def test_altered_and_mismatched_artifacts(trained, tmp_path):
@@ -79,3 +81,25 @@ def test_altered_and_mismatched_artifacts(trained, tmp_path):
         "--config.model=alexnet", "--artifact", str(workdir / "tuned.qarjax"),
     )  # fmt: skip
     assert result.returncode == 2 and "holds model 'cnn_small'" in result.stderr
+
+
+def test_stale_artifacts_are_refused_and_overwrite_removes_them(trained, tmp_path):
+    folder, workdir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    args = ("--config", "configs/demo.py", "--workdir", str(copy))
+    data = f"--config.dataset=imagefolder:{folder}"
+    more = [a if a != "--config.num_epochs=2" else "--config.num_epochs=3" for a in BASE]
+    result = run_cli("train", *args, data, *more, "--resume")  # one more epoch
+    assert result.returncode == 0, result.stderr
+    result = run_cli("eval", *args, data, *more)
+    assert result.returncode == 2
+    assert re.search(r"tuned.qarjax is stale: it was made from step \d+ of training, the run "
+                     r"in .* is at step \d+", result.stderr), result.stderr  # fmt: skip
+    result = run_cli("train", *args, data, *BASE, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    for name in ("quantized.qarjax", "tuned.qarjax", "quantize.json", "tune.json",
+                 "report.json", "report.md", "weights.png"):  # fmt: skip
+        assert not (copy / name).exists(), name
+    result = run_cli("eval", *args, data, *BASE)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr

@@ -1,6 +1,7 @@
 """Per-layer regularization: layer selection, representatives in the NNX state, schedules,
 config validation, and the end-to-end effect (weights cluster)."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from conftest import make_dataset
 from flax import nnx
 
+from qarjax import regularizers as R
 from qarjax.config import default_reg_config
 from qarjax.errors import ConfigError
 from qarjax.models import create_model
@@ -182,3 +184,53 @@ def test_training_with_a_regularizer_clusters_the_weights(tiny_config, family):
     assert reg_acc >= plain_acc - 0.1, (plain_acc, reg_acc)
     for layer in metrics.values():
         assert layer["live"] >= 3 and len(layer["grid"]) == 4 and layer["reg"] >= 0
+
+
+def _dynamic_layer(family, w, reps, rng=(-1.0, 1.0), k=None):
+    """A Regularization of one (n,) 'kernel' plus its quant/consts trees."""
+    params = {"layer": {"kernel": jnp.asarray(w, jnp.float32).reshape(-1, 1)}}
+    reg = Regularization.from_config(
+        _reg(family=family, k=len(reps), include="layer/kernel"), params, steps_per_epoch=1
+    )
+    quant = {"layer": {"kernel_reps": jnp.asarray(reps, jnp.float32)}}
+    consts = {"layer": {"kernel_range": jnp.asarray(rng, jnp.float32),
+                        "kernel_k": jnp.int32(k or len(reps))}}  # fmt: skip
+    return reg, params, quant, consts
+
+
+def test_softmin_k2_keeps_its_representatives_apart_when_the_weights_shrink():
+    # Two tight clusters at +-0.15 inside a range fixed at [-1, 1] when regularization began
+    # (weights shrink under weight decay). A temperature from the range (t h^2, h = 2) is
+    # above the critical temperature of these clusters: the reps merge. From the reps' own
+    # spacing it stays below it.
+    rng = np.random.default_rng(0)
+    w = np.concatenate([rng.normal(-0.15, 0.01, 500), rng.normal(0.15, 0.01, 500)])
+    reg, params, quant, consts = _dynamic_layer("softmin", w, [-0.1, 0.1])
+    layer = reg.layers[0]
+
+    def descend(value_of_reps):
+        reps = jnp.asarray([-0.1, 0.1])
+        grad = jax.jit(jax.grad(value_of_reps))
+        for _ in range(300):
+            reps = reps - 0.05 * grad(reps) / 1000
+        return np.asarray(reps)
+
+    ours = descend(lambda r: reg.layer_value(layer, params["layer"]["kernel"],
+                                             {"layer": {"kernel_reps": r}}, consts))  # fmt: skip
+    np.testing.assert_allclose(ours, [-0.15, 0.15], atol=0.01)
+    from_range = descend(lambda r: R.softmin(jnp.asarray(w), r, temperature=0.02 * 2.0**2))
+    assert abs(from_range[1] - from_range[0]) < 0.02  # the old temperature merges them
+
+
+def test_live_metric_counts_merged_representatives_once():
+    w = np.linspace(-1, 1, 101)
+    reg, params, quant, consts = _dynamic_layer("nearest", w, [-0.5, 0.5])
+    live = lambda reps: int(reg.metrics(params, {"layer": {"kernel_reps": jnp.asarray(reps)}},
+                                        consts)["layer/kernel"]["live"])  # fmt: skip
+    assert live([-0.5, 0.5]) == 2
+    assert live([0.0173, 0.0183]) == 1  # merged (as softmin K = 2 once did): one level
+    reg4, params4, _, consts4 = _dynamic_layer("nearest", w, [-0.6, -0.2, 0.2, 0.6, 9.0], k=4)
+    metrics = reg4.metrics(
+        params4, {"layer": {"kernel_reps": jnp.asarray([-0.6, -0.2, 0.2, 0.6, 9.0])}}, consts4
+    )
+    assert int(metrics["layer/kernel"]["live"]) == 4  # the padding beyond K is not a level
