@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import sys
 
@@ -25,9 +26,11 @@ COMMANDS = ("train", "quantize", "tune", "eval", "run")
 def parse_value(text: str):
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if text.lower() in ("nan", "inf", "-inf", "+inf"):
+        return float(text)  # so that range checks see (and refuse) them
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
 
 
@@ -95,6 +98,16 @@ def run_command(args, overrides: list[str]) -> None:
     path, _, arg = args.config.partition(":")
     config = apply_overrides(load_config(path, arg or None), overrides)
     _init_distributed(args)
+    import jax
+
+    from qarjax.loop import workdir_lock
+
+    writes = args.command != "eval" and jax.process_index() == 0
+    with workdir_lock(args.workdir) if writes else contextlib.nullcontext():
+        run_in_workdir(args, config)
+
+
+def run_in_workdir(args, config) -> None:
     if args.command == "train":
         from qarjax.loop import fit
 
@@ -118,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     try:
         run_command(args, overrides)
-    except QarjaxError as e:
-        print(f"qarjax: error: {e}", file=sys.stderr)
+    except QarjaxError as e:  # one line, whatever the message (e.g. a library's) holds
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"qarjax: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qarjax: interrupted", file=sys.stderr)

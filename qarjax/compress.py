@@ -146,8 +146,19 @@ def save(
     return len(blob)
 
 
+KINDS = ("codebook", "indices", "param", "batch_stat")
+MAX_RANK = 8
+MAX_HEADER_BYTES = 64 << 20
+
+
 def load(path: str | Path) -> Artifact:
-    """Reads and verifies a compressed model (ArtifactError if missing, truncated or altered)."""
+    """Reads and verifies a compressed model.
+
+    Nothing in the file is executed, and every header field is checked before it is used
+    (types, kinds, shapes, offsets and lengths against the payload, bits in 1..16, K in
+    [2, 65536], indices < K, finite values, no duplicate or missing entries), so a truncated,
+    altered or crafted file is refused with one ArtifactError line, never a crash.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"compressed model not found: {path}")
@@ -159,34 +170,116 @@ def load(path: str | Path) -> Artifact:
         raise ArtifactError(f"{path} is truncated or altered: checksum mismatch")
     (header_length,) = struct.unpack("<Q", body[len(MAGIC) : len(MAGIC) + 8])
     start = len(MAGIC) + 8
+    if header_length > min(len(body) - start, MAX_HEADER_BYTES):
+        raise ArtifactError(f"{path}: header length {header_length} runs past the file")
     try:
         header = json.loads(body[start : start + header_length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path} has a corrupt header: {e}") from None
-    payload = body[start + header_length :]
-    codebooks, layers, float_params, batch_stats = {}, {}, {}, {}
-    for e in header["entries"]:
-        key_path = tuple(e["path"])
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"{path} has a corrupt header: {type(e).__name__}") from None
+    payload = memoryview(body)[start + header_length :]
+    return _parse(path, header, payload)
+
+
+def _parse(path: Path, header, payload: memoryview) -> Artifact:
+    def fail(what: str):
+        raise ArtifactError(f"{path}: {what}")
+
+    if not isinstance(header, dict):
+        fail(f"the header is a JSON {type(header).__name__}, not an object")
+    missing = {"config", "entries", "metadata"} - header.keys()
+    if missing:
+        fail(f"the header lacks {', '.join(sorted(missing))}")
+    if not isinstance(header["config"], dict) or not isinstance(header["metadata"], dict):
+        fail("the header's config and metadata must be JSON objects")
+    if not isinstance(header["entries"], list):
+        fail("the header's entries must be a list")
+    codebooks, indices, float_params, batch_stats, seen = {}, {}, {}, {}, set()
+    for i, e in enumerate(header["entries"]):
+        key_path, count = _check_entry(e, i, len(payload), fail)
+        name = path_name(key_path)
+        if (e["kind"], key_path) in seen:
+            fail(f"entry {name} ({e['kind']}) appears twice")
+        seen.add((e["kind"], key_path))
         raw = payload[e["offset"] : e["offset"] + e["length"]]
-        if len(raw) != e["length"]:
-            raise ArtifactError(f"{path}: entry {path_name(key_path)} runs past the payload")
         if e["kind"] == "indices":
-            count = int(np.prod(e["shape"], dtype=np.int64))
-            idx = unpack_bits(raw, e["bits"], count).reshape(e["shape"])
-            layers[key_path] = idx
+            bits = e.get("bits")
+            if not (_is_int(bits) and 1 <= bits <= 16):
+                fail(f"indices of {name}: bits must be an integer in [1, 16], got {bits!r}")
+            if e["length"] != -(-count * bits // 8):
+                fail(f"indices of {name}: {e['length']} bytes do not hold {count} x {bits} bits")
+            indices[key_path] = unpack_bits(raw, bits, count).reshape(e["shape"])
             continue
+        if e["length"] != 4 * count:
+            fail(f"entry {name}: {e['length']} bytes do not hold {count} float32 values")
         array = np.frombuffer(raw, np.float32).reshape(e["shape"]).copy()
+        if not np.all(np.isfinite(array)):
+            fail(f"entry {name} ({e['kind']}) holds non-finite values")
         if e["kind"] == "codebook":
+            k = e.get("k")
+            if not (_is_int(k) and 2 <= k <= 65536 and e["shape"] == [k]):
+                fail(f"codebook of {name}: K must be an integer in [2, 65536] matching its shape")
             codebooks[key_path] = array
         elif e["kind"] == "param":
-            float_params = set_in(float_params, key_path, array)
-        elif e["kind"] == "batch_stat":
-            batch_stats = set_in(batch_stats, key_path, array)
-    quantized = {
-        path_name(p): QuantizedLayer(p, idx, codebooks[p])
-        for p, idx in sorted(layers.items(), key=str)
-    }
+            float_params = _set_leaf(float_params, key_path, array, fail)
+        else:
+            batch_stats = _set_leaf(batch_stats, key_path, array, fail)
+    if codebooks.keys() != indices.keys():
+        odd = sorted(path_name(p) for p in codebooks.keys() ^ indices.keys())
+        fail(f"layers without both a codebook and indices: {', '.join(odd[:4])}")
+    quantized = {}
+    for p, idx in sorted(indices.items(), key=str):
+        k = codebooks[p].shape[0]
+        if idx.size and int(idx.max()) >= k:
+            fail(f"indices of {path_name(p)} reach {int(idx.max())}, its codebook has K = {k}")
+        quantized[path_name(p)] = QuantizedLayer(p, idx, codebooks[p])
+    for layer in quantized.values():
+        node = float_params
+        for key in layer.path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            fail(f"{layer.name} is stored both quantized and as a float param")
     return Artifact(header["config"], quantized, float_params, batch_stats, header["metadata"])
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(e, i: int, payload_bytes: int, fail):
+    """(key path, element count) of a header entry whose fields are all valid."""
+    if not isinstance(e, dict):
+        fail(f"entry {i} is not a JSON object")
+    need = {"kind", "path", "offset", "length", "shape"} - e.keys()
+    if need:
+        fail(f"entry {i} lacks {', '.join(sorted(need))}")
+    if e["kind"] not in KINDS:
+        fail(f"entry {i} has an unknown kind {str(e['kind'])[:40]!r}")
+    p = e["path"]
+    if not (isinstance(p, list) and p and len(p) <= 32
+            and all(isinstance(k, str) or _is_int(k) for k in p)):  # fmt: skip
+        fail(f"entry {i} has a bad path (a non-empty list of names)")
+    shape = e["shape"]
+    if not (isinstance(shape, list) and len(shape) <= MAX_RANK
+            and all(_is_int(d) and d >= 0 for d in shape)):  # fmt: skip
+        fail(f"entry {i} ({path_name(p)}) has a bad shape {str(shape)[:60]}")
+    count = math.prod(shape)
+    offset, length = e["offset"], e["length"]
+    if not (_is_int(offset) and _is_int(length) and offset >= 0 and length >= 0):
+        fail(f"entry {i} ({path_name(p)}) has a bad offset or length")
+    if offset + length > payload_bytes or count > 8 * payload_bytes:
+        fail(f"entry {path_name(p)} runs past the payload")
+    return tuple(p), count
+
+
+def _set_leaf(tree: dict, key_path: tuple, value, fail) -> dict:
+    node = tree
+    for key in key_path[:-1]:
+        node = node.get(key, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            fail(f"entry {path_name(key_path)} collides with another entry's path")
+    if key_path[-1] in node:
+        fail(f"entry {path_name(key_path)} collides with another entry's path")
+    return set_in(tree, key_path, value)
 
 
 def size_report(params: dict, layers: dict[str, QuantizedLayer], file_bytes: int | None = None):

@@ -117,12 +117,31 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if file.suffix != ".py":
+        raise ConfigError(f"config {path} is not a Python file (.py) defining get_config()")
     spec = importlib.util.spec_from_file_location(f"qarjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except Exception as e:
         raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
-    if not hasattr(module, "get_config"):
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config {path} defines no get_config()")
-    return module.get_config(arg) if arg is not None else module.get_config()
+    call = f"get_config({arg!r})" if arg is not None else "get_config()"
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except Exception as e:
+        raise ConfigError(f"config {path}: {call} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config {path}: {call} returned {type(config).__name__}, not a ConfigDict"
+        )
+    return config
+
+
+def check_loop_config(config) -> None:
+    """Validates the keys the fit loop reads (the Trainer validates the rest)."""
+    for key, low in (("checkpoint_every", 1), ("keep_checkpoints", 1), ("keep_period", 0)):
+        value = config[key]
+        if not (isinstance(value, int) and value >= low):
+            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")

@@ -9,7 +9,9 @@ result equals an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ import jax
 from tqdm.auto import tqdm
 
 from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
+from qarjax.config import check_loop_config
 from qarjax.data import Dataset, load_dataset
 from qarjax.errors import ConfigError, QarjaxError
 from qarjax.metrics import MetricsWriter, to_python
@@ -46,10 +49,25 @@ TRAINER_FREE_KEYS = {
 }  # fmt: skip
 
 
-def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuses a workdir that holds a run unless resuming or overwriting."""
+def check_writable(workdir: Path) -> None:
+    """Refuses a workdir that cannot be created or written, before any work is done."""
+    for parent in workdir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise QarjaxError(f"workdir {workdir} is below {parent}, which is not a folder")
     if workdir.exists() and not workdir.is_dir():
         raise QarjaxError(f"workdir {workdir} exists and is not a folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".qarjax-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise QarjaxError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses a workdir that holds a run unless resuming or overwriting."""
+    check_writable(workdir)
     has_run = workdir.is_dir() and any((workdir / m).exists() for m in RUN_MARKERS)
     if has_run and not (resume or overwrite):
         raise QarjaxError(
@@ -63,7 +81,28 @@ def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    workdir.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path):
+    """Holds an exclusive lock on `workdir` (a second process on it is refused, one line).
+
+    The lock is an flock on ``workdir/.qarjax.lock``: the kernel drops it when the holder
+    exits, even by SIGKILL, so a killed run never leaves the workdir locked.
+    """
+    workdir = Path(workdir).absolute()
+    check_writable(workdir)
+    handle = open(workdir / ".qarjax.lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QarjaxError(
+                f"workdir {workdir} is in use by another qarjax process; wait for it to end"
+            ) from None
+        yield
+    finally:
+        handle.close()
 
 
 def check_trainer_fits(trainer_config, config) -> None:
@@ -144,6 +183,7 @@ def fit(
     run shares the plain pre-training of a plain run (the study trains it once per model).
     """
     workdir = Path(workdir).absolute()
+    check_loop_config(config)
     prepare_workdir(workdir, resume=resume, overwrite=overwrite)
     main_process = jax.process_index() == 0
     if main_process:

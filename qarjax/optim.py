@@ -41,7 +41,13 @@ def make_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
     elif cfg.lr_schedule == "cosine":
         main = optax.cosine_decay_schedule(lr, decay_steps=total - warmup)
     elif cfg.lr_schedule == "step":
-        bounds = [int(b) for b in str(cfg.lr_boundaries).split(",") if b.strip()]
+        try:
+            bounds = [int(b) for b in str(cfg.lr_boundaries).split(",") if b.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"lr_boundaries must be comma-separated epochs such as '30,45', "
+                f"got {cfg.lr_boundaries!r}"
+            ) from None
         main = optax.piecewise_constant_schedule(
             lr, {b * steps_per_epoch - warmup: cfg.lr_decay_factor for b in bounds}
         )

@@ -22,7 +22,14 @@ from qarjax import compress
 from qarjax.checkpoint import Checkpointer
 from qarjax.data import load_dataset
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
-from qarjax.loop import FitResult, TrainState, fit, restore_latest, write_json_atomic
+from qarjax.loop import (
+    FitResult,
+    TrainState,
+    check_writable,
+    fit,
+    restore_latest,
+    write_json_atomic,
+)
 from qarjax.quantize import METHODS, check_k, layers_from_params, quantize_params
 from qarjax.regularization import DYNAMIC, STATIC, first_match, parse_overrides, select_layers
 from qarjax.report import write_report
@@ -51,7 +58,7 @@ def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
     exclude = q.exclude or config.reg.exclude
     default_k = config.reg.k if q.k == -1 else q.k
     overrides = parse_overrides(config.reg.k_overrides, int, "reg.k") if q.k == -1 else []
-    paths = select_layers(trainer._initial["params"], include, exclude)
+    paths = select_layers(trainer.initial_params, include, exclude)
     return method, [(path, first_match(overrides, path_name(path), default_k)) for path in paths]
 
 
@@ -122,6 +129,7 @@ def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) ->
     if epochs < 0:
         raise ConfigError(f"quant.tune_epochs must be >= 0, got {epochs}")
     trainer = trainer or tuning_trainer(config, dataset, quantized)
+    check_fits_model(trainer, params, batch_stats)
     state = trainer.init_state(params=params, batch_stats=batch_stats)
     before = trainer.evaluate(state)
     losses = []
@@ -189,14 +197,24 @@ def _save(path, config, params, batch_stats, quantized, metadata) -> int:
     )
 
 
+def check_fits_model(trainer: Trainer, params, batch_stats) -> None:
+    """Refuses params / batch statistics whose names or shapes differ from the model's."""
+    pairs = (
+        ("parameter", trainer.initial_params, params),
+        ("batch-statistics", trainer.initial_batch_stats, batch_stats),
+    )
+    for what, ours, theirs in pairs:
+        if jax.tree.map(np.shape, theirs) != jax.tree.map(np.shape, ours):
+            raise ArtifactError(
+                f"the compressed model's {what} names or shapes do not match the config's "
+                f"model {trainer.config.model!r}"
+            )
+
+
 def evaluate_artifact(config, params, batch_stats, dataset) -> dict:
     """Test loss and accuracy of a compressed model's params under `config`'s model."""
     trainer = Trainer(tuning_config(config), dataset)
-    expected = jax.tree.map(np.shape, trainer._initial["params"])
-    if jax.tree.map(np.shape, params) != expected:
-        raise ArtifactError(
-            "the compressed model's parameter shapes do not match the config's model"
-        )
+    check_fits_model(trainer, params, batch_stats)
     state = trainer.init_state(params=params, batch_stats=batch_stats)
     return trainer.evaluate(state)
 
@@ -209,6 +227,7 @@ def run_pipeline(
     `dataset`: an already loaded dataset (default: load config.dataset).
     """
     workdir = Path(workdir).absolute()
+    check_writable(workdir)
     summary_file = workdir / "summary.json"
     dataset = dataset or _dataset(config)
     began = time.perf_counter()
@@ -281,6 +300,15 @@ def run_command(command: str, config, args) -> None:
             f"-> {workdir}/report.md"
         )
         return
+    if command in ("quantize", "tune"):
+        check_writable(workdir)
+    if command in ("tune", "eval"):  # a bad model file is refused before the data loads
+        default = "quantized.qarjax" if command == "tune" else "tuned.qarjax"
+        source = Path(args.artifact) if args.artifact else workdir / default
+        if command == "eval" and not args.artifact and not source.exists():
+            source = workdir / "quantized.qarjax"
+        artifact = compress.load(source)
+        _check_matches(artifact, config, source, None if args.artifact else workdir)
     dataset = _dataset(config)
     if command == "quantize":
         trainer, state = _restore_trained(config, workdir, dataset)
@@ -288,19 +316,11 @@ def run_command(command: str, config, args) -> None:
         info = {k: v for k, v in q.items() if k not in ("quantized", "params", "batch_stats")}
         _write_stage(workdir, "quantized.qarjax", "quantize.json", config, q, info)
     elif command == "tune":
-        source = Path(args.artifact) if args.artifact else workdir / "quantized.qarjax"
-        artifact = compress.load(source)
-        _check_matches(artifact, config, source, None if args.artifact else workdir)
         t = tune_stage(config, dataset, artifact.params(), artifact.batch_stats, artifact.layers)
         info = {k: t[k] for k in ("pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")}
         info["trained_steps"] = artifact.metadata.get("trained_steps")
         _write_stage(workdir, "tuned.qarjax", "tune.json", config, t, info)
     elif command == "eval":
-        source = Path(args.artifact) if args.artifact else workdir / "tuned.qarjax"
-        if not args.artifact and not source.exists():
-            source = workdir / "quantized.qarjax"
-        artifact = compress.load(source)
-        _check_matches(artifact, config, source, None if args.artifact else workdir)
         params = artifact.params()
         result = evaluate_artifact(config, params, artifact.batch_stats, dataset)
         sizes = compress.size_report(params, artifact.layers, source.stat().st_size)

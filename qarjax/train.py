@@ -201,6 +201,15 @@ class Trainer:
         self._norm = {"mean": self.data["mean"], "std": self.data["std"]}
 
     # ------------------------------------------------------------------ state
+    @property
+    def initial_params(self) -> dict:
+        """The model's freshly initialized weights (host arrays; names and shapes)."""
+        return self._initial["params"]
+
+    @property
+    def initial_batch_stats(self) -> dict:
+        return self._initial["batch_stats"]
+
     def init_state(self, params: dict | None = None, batch_stats: dict | None = None) -> TrainState:
         """The initial train state (or one starting from `params`), replicated over the mesh."""
         params = jax.device_get(self._initial["params"] if params is None else params)
