@@ -20,6 +20,30 @@ from qarjax.errors import QarjaxError
 from qarjax.trees import leaves_with_paths, map_with_names, path_name
 
 
+def _restore_raw(workdir: str | Path, epoch: int | None, what: str) -> dict:
+    """The saved train state of another run at `epoch` (None: its latest), as saved."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
+    have = sorted(manager.all_steps()) if manager else []
+    if epoch is None and have:
+        epoch = have[-1]
+    if epoch is None or epoch not in have:
+        if manager:
+            manager.close()
+        if epoch is None:
+            raise QarjaxError(f"{what}: no checkpoints in {workdir}")
+        raise QarjaxError(
+            f"{what}: {workdir} has no checkpoint of epoch {epoch} (it has {have}; train it "
+            "with keep_period set to that epoch)"
+        )
+    try:
+        return manager.restore(epoch, args=ocp.args.StandardRestore())["state"]
+    except Exception as e:
+        raise QarjaxError(f"{what}: cannot read checkpoint {epoch} in {directory}: {e}") from None
+    finally:
+        manager.close()
+
+
 def load_pretrained(workdir: str | Path, params: dict, batch_stats: dict) -> tuple[dict, dict]:
     """Params and batch stats from the latest checkpoint of another run, shaped like ours.
 
@@ -27,20 +51,7 @@ def load_pretrained(workdir: str | Path, params: dict, batch_stats: dict) -> tup
     one (whose model also holds representatives). Every leaf of `params` must be found with
     the same shape; extra leaves in the checkpoint are ignored.
     """
-    directory = Path(workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise QarjaxError(f"init_from: no checkpoints in {workdir}")
-    manager = ocp.CheckpointManager(directory)
-    epoch = manager.latest_step()
-    if epoch is None:
-        raise QarjaxError(f"init_from: no checkpoints in {workdir}")
-    try:
-        raw = manager.restore(epoch, args=ocp.args.StandardRestore())["state"]
-    except Exception as e:
-        raise QarjaxError(
-            f"init_from: cannot read checkpoint {epoch} in {directory}: {e}"
-        ) from None
-    manager.close()
+    raw = _restore_raw(workdir, None, "init_from")
 
     def take(source: dict, like: dict, what: str) -> dict:
         found = {path_name(p): v for p, v in leaves_with_paths(source)}
@@ -74,22 +85,7 @@ def load_branch_point(workdir: str | Path, epoch: int, state):
     representatives' state is fresh anyway when regularization starts). Used to branch a
     regularized run off a plain run at the regularization's start epoch.
     """
-    directory = Path(workdir).absolute() / "checkpoints"
-    manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
-    if manager is None or epoch not in manager.all_steps():
-        have = sorted(manager.all_steps()) if manager else []
-        raise QarjaxError(
-            f"branch_from: {workdir} has no checkpoint of epoch {epoch} (it has {have}; "
-            "train it with keep_period set to that epoch)"
-        )
-    try:
-        raw = manager.restore(epoch, args=ocp.args.StandardRestore())["state"]
-    except Exception as e:
-        raise QarjaxError(
-            f"branch_from: cannot read checkpoint {epoch} in {directory}: {e}"
-        ) from None
-    finally:
-        manager.close()
+    raw = _restore_raw(workdir, epoch, "branch_from")
     found = _named_leaves(raw)
     target = _named_leaves(state)
     required = ("step", "rng", "params/", "batch_stats/")
