@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
@@ -185,6 +186,8 @@ def fit(
     workdir = Path(workdir).absolute()
     check_loop_config(config)
     prepare_workdir(workdir, resume=resume, overwrite=overwrite)
+    if jax.process_count() > 1:  # every process checks the workdir before process 0 writes
+        multihost_utils.sync_global_devices("qarjax: workdir checked")
     main_process = jax.process_index() == 0
     if main_process:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")

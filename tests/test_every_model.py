@@ -1,50 +1,63 @@
 """Every model of the registry through every stage, at tiny scale on the CPU.
 
-train (with a regularizer) -> quantize -> batch-norm re-estimate -> tune -> save -> load ->
-eval: a stage that no test runs on a model would first fail on a GPU, where minutes are
-scarce (VGG16's batch-norm re-estimate once crashed there: it has dropout after batch norm).
+`qarjax run` (train with a regularizer -> quantize -> batch-norm re-estimate -> tune -> save ->
+report), then load and evaluate: a stage that no test runs on a model would first fail on a
+GPU, where minutes are scarce (VGG16's batch-norm re-estimate once crashed there: it has
+dropout after batch norm). The run is a subprocess on one CPU device, as on one GPU.
 """
 
 import json
 
 import numpy as np
 import pytest
-from conftest import make_dataset
+from helpers import run_cli, write_image_folder
 
 from qarjax import compress
 from qarjax.models import MODELS
-from qarjax.pipeline import evaluate_artifact, run_pipeline
 
 pytestmark = pytest.mark.timeout(900)
+SETTINGS = (
+    "--config.batch_size=16", "--config.eval_batch_size=16", "--config.num_epochs=2",
+    "--config.reg.start_epoch=1", "--config.reg.lam=0.1", "--config.tensorboard=False",
+    "--config.quant.tune_epochs=1", "--config.quant.batch_stats_batches=2",
+    "--config.warmup_epochs=0",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_whole_pipeline_on_every_model(model, tiny_config, tmp_path):
-    config = tiny_config
-    config.model = model
-    config.batch_size, config.eval_batch_size = 16, 16
-    config.num_epochs = 2
-    config.reg.family, config.reg.k, config.reg.lam, config.reg.start_epoch = "nearest", 4, 0.1, 1
-    config.quant.tune_epochs, config.quant.batch_stats_batches = 1, 2
-    dataset = make_dataset(n_train=32, n_test=16, size=32)
-    report = run_pipeline(config, tmp_path, dataset=dataset)
+def test_whole_pipeline_on_every_model(model, tmp_path):
+    # VGG16's five poolings need 32x32; the others run on 16x16 (AlexNet: 4x fewer fc1 weights)
+    size = 32 if model == "vgg16" else 16
+    folder = write_image_folder(tmp_path / "imgs", per_class=(11, 6), size=size)
+    workdir = tmp_path / "run"
+    args = (
+        "--config",
+        "configs/demo.py:nearest",
+        "--workdir",
+        str(workdir),
+        f"--config.model={model}",
+        f"--config.dataset=imagefolder:{folder}",
+        *SETTINGS,
+    )
+    result = run_cli("run", *args)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
 
-    assert report["method"] == "nearest" and report["k"] == [4]
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["model"] == model and report["method"] == "nearest" and report["k"] == [4]
     for layer in report["sizes"]["layers"].values():
         assert layer["distinct_values"] <= 4
     for key in ("fp_accuracy", "pre_tuning_accuracy", "post_tuning_accuracy"):
         assert 0.0 <= report[key] <= 1.0
-    assert json.loads((tmp_path / "report.json").read_text())["model"] == model
-
     # weights.png draws the grid the weights were trained towards, and the tuned codebooks
-    drawn = json.loads((tmp_path / "report.json").read_text())["codebooks"]
-    before = compress.load(tmp_path / "quantized.qarjax").layers
-    artifact = compress.load(tmp_path / "tuned.qarjax")
-    for name, lines in drawn.items():
+    before = compress.load(workdir / "quantized.qarjax").layers
+    artifact = compress.load(workdir / "tuned.qarjax")
+    for name, lines in report["codebooks"].items():
         np.testing.assert_allclose(lines["grid"], np.asarray(before[name].codebook), rtol=1e-6)
         np.testing.assert_allclose(lines["tuned"], np.asarray(artifact.layers[name].codebook))
-    params = artifact.params()
     for layer in artifact.layers.values():
         assert np.unique(np.asarray(layer.dequantize())).size <= 4
-    evaluated = evaluate_artifact(config, params, artifact.batch_stats, dataset)
-    assert evaluated["accuracy"] == pytest.approx(report["post_tuning_accuracy"], abs=1e-6)
+
+    evaluated = run_cli("eval", *args)  # the same arithmetic as the run: one device
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    accuracy = json.loads(evaluated.stdout.strip().splitlines()[-1])["accuracy"]
+    assert accuracy == pytest.approx(report["post_tuning_accuracy"], abs=1e-6)
