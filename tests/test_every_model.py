@@ -24,7 +24,8 @@ SETTINGS = (
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+# cnn_small runs the same `qarjax run` (and quantize, tune, eval) in test_pipeline.py.
+@pytest.mark.parametrize("model", sorted(set(MODELS) - {"cnn_small"}))
 def test_whole_pipeline_on_every_model(model, tmp_path):
     # VGG16's five poolings need 32x32; the others run on 16x16 (AlexNet: 4x fewer fc1 weights)
     size = 32 if model == "vgg16" else 16
