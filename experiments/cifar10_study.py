@@ -172,20 +172,19 @@ class Sweep:
         t1 = time.perf_counter()
         if cell.model not in self.tuners:
             self.tuners[cell.model] = tuning_trainer(
-                config, self.data(config), q["quantized"], k_max=max(self.args.ks)
+                config, self.data(config), q, k_max=max(self.args.ks)
             )
-        t = tune_stage(config, self.data(config), q["params"], q["batch_stats"], q["quantized"],
-                       trainer=self.tuners[cell.model])  # fmt: skip
+        t = tune_stage(config, self.data(config), q, trainer=self.tuners[cell.model])
         t2 = time.perf_counter()
-        sizes = size_report(jax.device_get(t["params"]), t["quantized"])
+        sizes = size_report(jax.device_get(t.params), t.layers)
         return {
             "model": cell.model, "method": cell.label, "k": cell.k, "seed": cell.seed,
-            "fp_accuracy": q["fp_accuracy"],
-            "pre_tuning_accuracy": q["pre_tuning_accuracy"],
-            "pre_tuning_accuracy_no_bn": q["pre_tuning_accuracy_no_bn"],
-            "post_tuning_accuracy": t["post_tuning_accuracy"],
+            "fp_accuracy": q.metadata["fp_accuracy"],
+            "pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
+            "pre_tuning_accuracy_no_bn": q.metadata["pre_tuning_accuracy_no_bn"],
+            "post_tuning_accuracy": t.metadata["post_tuning_accuracy"],
             "compression_ratio": sizes["compression_ratio"],
-            "live_min": live_levels(q["quantized"]),
+            "live_min": live_levels(q.layers),
             "shared_pretraining": cell.family != "none" and not self.args.from_scratch,
             "train_seconds": train_seconds, "quantize_seconds": t1 - t0,
             "tune_seconds": t2 - t1,

@@ -3,13 +3,51 @@
 Regularizer terms added to the loss make each layer's weights form K clusters while they
 train; the cluster centres (representatives) are trained parameters. After training a pure
 pytree transform quantizes the model to K values per layer, the codebooks are tuned, and the
-model is stored in about log2(K) bits per weight.
+model is stored in about log2(K) bits per weight. The public API, on any Flax NNX model:
 
-Quick tour::
+  Rule, attach        regularize the parameters that rules select (returns a Regularization:
+                      ``reg.penalty(model)``, ``reg.start(model)``, ``reg.metrics``)
+  TRAINABLE           the nnx filter of weights and quantization params (for nnx.grad and
+                      nnx.Optimizer's ``wrt``); representatives are not nnx.Param
+  optimizer           an optax transform routing representatives to their own step (and,
+                      with ``decoupled=lr``, the pull outside the optimizer)
+  quantize            a model -> QuantizedModel (indices and codebooks per layer)
+  tune                retrain the codebooks with your loss, indices fixed
+  save, load          the compressed model file (``load(path, into=model)``)
+  register_family     add a regularizer family (a `qarjax.families.Family` subclass)
+  register_model      add a model class for configs and the command line
 
-    from qarjax import regularizers, quantize
-    r = regularizers.sine(w, k=4, lo=-0.1, hi=0.1)          # a scalar, differentiable
-    result = quantize.quantize_params(params, method="kmeans", k=4)
+The math: docs/regularizers.md. The command line, configs and the CIFAR-10 study: README.md.
 """
 
+from qarjax.compress import load_model as load
+from qarjax.compress import save_model as save
+from qarjax.families import Family
+from qarjax.families import register as register_family
+from qarjax.models import register_model
+from qarjax.optim import decoupled_pull, optimizer
+from qarjax.quantize import QuantizedModel, quantize
+from qarjax.regularization import Regularization, Rule, attach
+from qarjax.representatives import TRAINABLE, QuantParam, Representatives
+from qarjax.tune import tune
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "TRAINABLE",
+    "Family",
+    "QuantParam",
+    "QuantizedModel",
+    "Regularization",
+    "Representatives",
+    "Rule",
+    "attach",
+    "decoupled_pull",
+    "load",
+    "optimizer",
+    "quantize",
+    "register_family",
+    "register_model",
+    "save",
+    "tune",
+]

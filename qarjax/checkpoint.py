@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qarjax.errors import QarjaxError
-from qarjax.trees import leaves_with_paths, map_with_names, path_name
+from qarjax.trees import keypath_name, leaves_with_paths, name_map, path_name
 
 
 def _restore_raw(workdir: str | Path, epoch: int | None, what: str) -> dict:
@@ -63,18 +63,14 @@ def load_pretrained(workdir: str | Path, params: dict, batch_stats: dict) -> tup
                 )
             return np.asarray(found[name], leaf.dtype)
 
-        return map_with_names(pick, like)
+        return name_map(pick, like)
 
     return take(raw["params"], params, "param"), take(raw["batch_stats"], batch_stats, "stat")
 
 
-def _key_name(key) -> str:
-    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
-
-
 def _named_leaves(tree) -> dict[str, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+    return {keypath_name(path): leaf for path, leaf in flat}
 
 
 def load_branch_point(workdir: str | Path, epoch: int, state):
@@ -97,7 +93,7 @@ def load_branch_point(workdir: str | Path, epoch: int, state):
         raise QarjaxError(f"branch_from: {workdir} epoch {epoch} lacks {', '.join(missing[:4])}")
 
     def take(path, leaf):
-        name = "/".join(_key_name(k) for k in path)
+        name = keypath_name(path)
         source = found.get(name)
         if source is None or np.shape(source) != np.shape(leaf):
             return leaf

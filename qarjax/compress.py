@@ -321,3 +321,32 @@ def size_report(params: dict, layers: dict[str, QuantizedLayer], file_bytes: int
     if file_bytes is not None:
         report["file_bytes"] = int(file_bytes)
     return report
+
+
+def save_model(path: str | Path, q) -> int:
+    """Writes a `QuantizedModel` to `path` atomically; returns the file's size in bytes."""
+    import jax
+
+    from qarjax.metrics import to_python
+
+    return save(
+        path,
+        config=q.config,
+        params=jax.device_get(q.params),
+        batch_stats=jax.device_get(q.batch_stats),
+        layers={name: jax.device_get(layer) for name, layer in q.layers.items()},
+        metadata=to_python(q.metadata),
+    )
+
+
+def load_model(path: str | Path, into=None):
+    """Reads a model file into a `QuantizedModel` (refusing a damaged or crafted file with
+    one ArtifactError line); with `into` (an NNX model of the same structure), also writes
+    the weights and statistics into it."""
+    from qarjax.quantize import QuantizedModel
+
+    a = load(path)
+    q = QuantizedModel(a.params(), a.batch_stats, a.layers, a.config, a.metadata)
+    if into is not None:
+        q.into(into)
+    return q

@@ -1,15 +1,26 @@
-"""Optimizers and learning-rate schedules, built from the config with optax.
+"""Optimizers for regularized models, and the learning-rate schedules of the config.
 
-The trainable tree is ``{"params": weights, "quant": quantization params}``, and
-`optax.partition` routes each leaf to its own optimizer by label:
+`optimizer(tx, reg)` is an optax transform over a model's trainable state (its weights and
+its quantization params, the tree ``nnx.state(model, TRAINABLE)`` holds) that routes each leaf
+by name with `optax.partition`:
 
-  - ``weights``: SGD with momentum, Nesterov, or AdamW, with the configured schedule, and
-    decoupled weight decay masked by regex (default: kernels only);
-  - ``reps`` (representatives): Adam whose step is ``reps_step`` times the layer's grid
+  - ``weights``: `tx`, whatever it is (the config's: SGD with momentum, Nesterov, or AdamW,
+    with the configured schedule and decoupled weight decay masked by regex);
+  - ``reps`` (representatives): Adam whose step is `reps_step` times the layer's grid
     spacing h (`scale_by_grid_spacing`): their raw gradients are tiny next to the weights' (a
     sum over a cluster, times lambda), and an absolute learning rate would mean different
     things for layers whose weights differ in scale;
-  - ``scalars`` (R^2 margins and temperatures): Adam with ``quant_lr``.
+  - ``scalars`` (R^2 margins and temperatures): Adam with `scalars_lr`.
+
+Penalty in the loss or decoupled pull: ``loss + reg.penalty(model)`` means "weight decay
+towards the grid" only under SGD, where the update is -lr * lambda * dR/dw. Adam divides every
+gradient by its running scale, so there lambda's meaning changes with the loss (a lambda of
+0.001 already clusters hard). ``optimizer(tx, reg, decoupled=lr)`` applies the pull outside
+`tx`, as AdamW decouples weight decay: each regularized weight moves by -lr * lambda * dR/dw
+per step (and the representatives get dR/dc), so one lambda means the same under any
+optimizer; the loss then leaves the penalty out, and the update takes the ranges and K:
+``opt.update(model, grads, consts=reg.consts(model))``. Families whose term needs the loss
+(gradient_l1) can only be in the loss.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from qarjax.errors import ConfigError
-from qarjax.trees import map_with_names
+from qarjax.trees import as_tree, is_variable, name_map
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
@@ -86,6 +97,98 @@ def scale_by_grid_spacing(step: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+class PullState(NamedTuple):
+    count: jax.Array  # steps taken, for a learning-rate schedule
+
+
+def _penalty_grads(reg, params, consts):
+    if any(s.fam.needs_loss for s in reg.layers):
+        raise ConfigError("a decoupled pull needs an elementwise term: gradient_l1 has none")
+    if consts is None:
+        raise ValueError(
+            "the decoupled pull needs the model's quantization constants: "
+            "opt.update(model, grads, consts=reg.consts(model))"
+        )
+    consts = as_tree(consts)
+    return jax.grad(lambda p: reg.terms(as_tree(p), as_tree(p), consts)[0])(params)
+
+
+def pull_gradients(reg) -> optax.GradientTransformationExtraArgs:
+    """Adds d(sum_l lambda_l R_l)/dv to the gradient of each quantization param v (for a
+    loss without the penalty: the decoupled pull's representatives still follow their
+    clusters). Needs ``consts=reg.consts(model)`` in the update's extra arguments."""
+    names = reg.variable_labels()
+
+    def update_fn(updates, state, params=None, *, consts=None, **extra):
+        del extra
+        g = _penalty_grads(reg, params, consts)
+        return name_map(lambda n, u, gg: u + gg if n in names else u, updates, g), state
+
+    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update_fn)
+
+
+def decoupled_pull(reg, learning_rate) -> optax.GradientTransformationExtraArgs:
+    """Adds -lr * d(sum_l lambda_l R_l)/dw to each weight's update, after the optimizer (as
+    AdamW adds its weight decay): the same pull towards the grid under any optimizer.
+
+    `learning_rate`: a float or an optax schedule (of this transform's step count). Needs
+    ``consts=reg.consts(model)`` (the ranges and K, which are not trained) in the update's
+    extra arguments: ``opt.update(model, grads, consts=reg.consts(model))``.
+    """
+    names = reg.variable_labels()
+
+    def init_fn(params):
+        del params
+        return PullState(jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, consts=None, **extra):
+        del extra
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        g = _penalty_grads(reg, params, consts)
+        pull = lambda n, u, gg: u if n in names else u - lr * gg.astype(u.dtype)
+        return name_map(pull, updates, g), PullState(state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def optimizer(
+    tx: optax.GradientTransformation,
+    reg,
+    *,
+    reps_step: float = 0.01,
+    scalars_lr: float = 1e-3,
+    decoupled=None,
+) -> optax.GradientTransformation:
+    """`tx` for the weights, and their own steps for `reg`'s quantization params.
+
+    Use with ``nnx.Optimizer(model, optimizer(tx, reg), wrt=TRAINABLE)`` and gradients with
+    respect to ``TRAINABLE`` (`qarjax.representatives`), or on any plain tree of the model's
+    trainable state. Leaves are routed by name (see the module doc).
+
+    Args:
+      tx: the weights' optimizer (any optax transform).
+      reg: the model's `qarjax.regularization.Regularization`.
+      reps_step: the representatives' Adam step, in grid spacings.
+      scalars_lr: Adam learning rate of the R^2 margins and temperatures.
+      decoupled: None (the penalty is in the loss), or a learning rate (float or schedule):
+        apply the pull as a decoupled update instead (see the module doc).
+    """
+    names = reg.variable_labels()
+
+    def labels(tree):
+        return name_map(lambda n, _: names.get(n, "weights"), tree, is_leaf=is_variable)
+
+    transforms = {
+        "weights": tx,
+        "reps": optax.chain(optax.scale_by_adam(), scale_by_grid_spacing(reps_step)),
+        "scalars": optax.adam(scalars_lr),
+    }
+    routed = optax.partition(transforms, labels)
+    if decoupled is None:
+        return routed
+    return optax.chain(pull_gradients(reg), routed, decoupled_pull(reg, decoupled))
+
+
 def _weights_optimizer(cfg, schedule, mask) -> optax.GradientTransformation:
     name, wd = cfg.optimizer, float(cfg.weight_decay)
     if wd < 0:
@@ -103,26 +206,9 @@ def _weights_optimizer(cfg, schedule, mask) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def labels_of(trainable: dict) -> dict:
-    """The partition label of every trainable leaf: weights, reps or scalars."""
-    return {
-        "params": jax.tree.map(lambda _: "weights", trainable["params"]),
-        "quant": map_with_names(
-            lambda name, _: "reps" if name.endswith("_reps") else "scalars", trainable["quant"]
-        ),
-    }
-
-
-def _keypath_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def _is_weight(path) -> bool:
-    return bool(path) and getattr(path[0], "key", None) == "params"
-
-
-def make_optimizer(cfg, trainable: dict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The full optimizer over {"params", "quant"} (see the module docstring)."""
+def make_optimizer(cfg, reg, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The config's optimizer over a model's trainable tree (weights and quantization
+    params, as `optimizer` routes them)."""
     schedule = make_schedule(cfg, steps_per_epoch)
     try:
         decay = re.compile(cfg.weight_decay_include)
@@ -130,16 +216,10 @@ def make_optimizer(cfg, trainable: dict, steps_per_epoch: int) -> optax.Gradient
         raise ConfigError(f"bad weight_decay_include regex: {e}") from None
 
     def mask(tree):  # a callable, so it fits the masked tree optax.partition passes in
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: _is_weight(path) and bool(decay.search(_keypath_name(path[1:]))), tree
-        )
+        return name_map(lambda name, _: bool(decay.search(name)), tree, is_leaf=is_variable)
 
-    transforms = {
-        "weights": _weights_optimizer(cfg, schedule, mask),
-        "reps": optax.chain(optax.scale_by_adam(), scale_by_grid_spacing(cfg.reg.reps_step)),
-        "scalars": optax.adam(cfg.reg.quant_lr),
-    }
-    return optax.partition(transforms, labels_of(trainable))
+    weights = _weights_optimizer(cfg, schedule, mask)
+    return optimizer(weights, reg, reps_step=cfg.reg.reps_step, scalars_lr=cfg.reg.quant_lr)
 
 
 def reset_quant_state(tx: optax.GradientTransformation, opt_state, trainable: dict):

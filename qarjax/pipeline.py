@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from qarjax import compress
 from qarjax.checkpoint import Checkpointer
 from qarjax.data import load_dataset
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
+from qarjax.families import family
 from qarjax.loop import (
     FitResult,
     TrainState,
@@ -30,12 +30,29 @@ from qarjax.loop import (
     restore_latest,
     write_json_atomic,
 )
-from qarjax.quantize import METHODS, check_k, layers_from_params, quantize_params
-from qarjax.regularization import DYNAMIC, STATIC, first_match, parse_overrides, select_layers
+from qarjax.quantize import (
+    METHODS,
+    QuantizedModel,
+    check_k,
+    grids_of,
+    layers_from_params,
+    quantize_params,
+)
+from qarjax.regularization import first_match, parse_overrides, select_layers
 from qarjax.report import write_report
 from qarjax.train import Trainer
 from qarjax.trees import path_name
 from qarjax.tune import codebook_adam, recompute_batch_stats
+
+QUANTIZE_FACTS = (
+    "method",
+    "trained_steps",
+    "fp_accuracy",
+    "pre_tuning_accuracy_no_bn",
+    "pre_tuning_accuracy",
+    "quantize_seconds",
+)
+TUNE_FACTS = ("trained_steps", "pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")
 
 
 def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
@@ -44,11 +61,12 @@ def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
     if q.k != -1:
         check_k(q.k)
     method = q.method
+    has_grid = family(config.reg.family).has_grid
     if method == "auto":
-        method = "nearest" if config.reg.family in STATIC + DYNAMIC else "kmeans"
+        method = "nearest" if has_grid else "kmeans"
     if method not in METHODS:
         raise ConfigError(f"unknown quantization method {method!r}: choose one of {METHODS}")
-    if method == "nearest" and config.reg.family not in STATIC + DYNAMIC:
+    if method == "nearest" and not has_grid:
         raise ConfigError(
             f"method 'nearest' needs a grid: reg.family {config.reg.family!r} has none"
         )
@@ -62,8 +80,11 @@ def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
     return method, [(path, first_match(overrides, path_name(path), default_k)) for path in paths]
 
 
-def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
-    """Quantizes a trained state; evaluates before and after the batch-norm re-estimate."""
+def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedModel:
+    """Quantizes a trained state; evaluates before and after the batch-norm re-estimate.
+
+    The result's metadata: method, trained_steps, fp_accuracy, pre_tuning_accuracy_no_bn,
+    pre_tuning_accuracy, quantize_seconds."""
     began = time.perf_counter()
     method, layers = quantization_plan(trainer, config)
     if method == "nearest" and trainer.reg.active:  # the run's K (trainers serve several)
@@ -71,14 +92,10 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
         layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
     grids = None
     if method == "nearest":
-        by_path = {s.path: s for s in trainer.reg.layers}
-        grids = {}
+        grids = grids_of(trainer.reg, state.params, state.quant, state.consts)
         for path, _ in layers:
-            if path not in by_path:
+            if path_name(path) not in grids:
                 raise ConfigError(f"layer {path_name(path)} was not regularized: it has no grid")
-            grids[path_name(path)] = trainer.reg.grid_values(
-                by_path[path], state.params, state.quant, state.consts
-            )
     quantized, params = quantize_params(state.params, layers, method=method, grids=grids)
     jax.block_until_ready(params)
     quantize_seconds = time.perf_counter() - began
@@ -88,17 +105,20 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> dict:
     if config.quant.recompute_batch_stats:
         stats = recompute_batch_stats(trainer, state, params, config.quant.batch_stats_batches)
     pre = trainer.evaluate(state, params=params, batch_stats=stats)
-    return {
-        "method": method,
-        "quantized": quantized,
-        "params": params,
-        "batch_stats": stats,
-        "trained_steps": int(jax.device_get(state.step)),
-        "fp_accuracy": fp["accuracy"],
-        "pre_tuning_accuracy_no_bn": plain["accuracy"],
-        "pre_tuning_accuracy": pre["accuracy"],
-        "quantize_seconds": quantize_seconds,
-    }
+    return QuantizedModel(
+        params=params,
+        batch_stats=stats,
+        layers=quantized,
+        config=_config_dict(config),
+        metadata={
+            "method": method,
+            "trained_steps": int(jax.device_get(state.step)),
+            "fp_accuracy": fp["accuracy"],
+            "pre_tuning_accuracy_no_bn": plain["accuracy"],
+            "pre_tuning_accuracy": pre["accuracy"],
+            "quantize_seconds": quantize_seconds,
+        },
+    )
 
 
 def tuning_config(config):
@@ -108,29 +128,29 @@ def tuning_config(config):
     return cfg
 
 
-def tuning_trainer(config, dataset, quantized, k_max: int | None = None) -> Trainer:
-    """The Trainer that tunes the codebooks of `quantized`'s layers (K <= k_max, default the
-    largest K there): reusable for every model quantized at those layers (its step compiles
-    once)."""
+def tuning_trainer(config, dataset, q: QuantizedModel, k_max: int | None = None) -> Trainer:
+    """The Trainer that tunes the codebooks of `q`'s layers (K <= k_max, default the largest
+    K there): reusable for every model quantized at those layers (its step compiles once)."""
     lr = config.quant.tune_learning_rate
     if not lr > 0:
         raise ConfigError(f"quant.tune_learning_rate must be > 0, got {lr}")
-    k_max = k_max or max(layer.k for layer in quantized.values())
-    tx = codebook_adam([layer.path for layer in quantized.values()], lr, k_max=k_max)
+    k_max = k_max or max(q.levels().values())
+    tx = codebook_adam([layer.path for layer in q.layers.values()], lr, k_max=k_max)
     return Trainer(tuning_config(config), dataset, tx=tx)
 
 
-def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) -> dict:
+def tune_stage(config, dataset, q: QuantizedModel, trainer=None) -> QuantizedModel:
     """Retrains the codebooks and float leftovers for config.quant.tune_epochs epochs.
 
-    `trainer`: a `tuning_trainer` to reuse (default: a new one for `quantized`).
+    `trainer`: a `tuning_trainer` to reuse (default: a new one for `q`). The result's
+    metadata adds pre_tuning_accuracy, post_tuning_accuracy, train_losses, tune_seconds.
     """
     epochs = config.quant.tune_epochs
     if epochs < 0:
         raise ConfigError(f"quant.tune_epochs must be >= 0, got {epochs}")
-    trainer = trainer or tuning_trainer(config, dataset, quantized)
-    check_fits_model(trainer, params, batch_stats)
-    state = trainer.init_state(params=params, batch_stats=batch_stats)
+    trainer = trainer or tuning_trainer(config, dataset, q)
+    check_fits_model(trainer, q)
+    state = trainer.init_state(params=q.params, batch_stats=q.batch_stats)
     before = trainer.evaluate(state)
     losses = []
     began = time.perf_counter()
@@ -139,15 +159,18 @@ def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) ->
         losses.append(metrics["ce"])
     seconds = time.perf_counter() - began
     after = trainer.evaluate(state)
-    return {
-        "params": state.params,
-        "batch_stats": state.batch_stats,
-        "quantized": layers_from_params(state.params, quantized),
-        "pre_tuning_accuracy": before["accuracy"],
-        "post_tuning_accuracy": after["accuracy"],
-        "train_losses": losses,
-        "tune_seconds": seconds,
-    }
+    return q.replace(
+        params=state.params,
+        batch_stats=state.batch_stats,
+        layers=layers_from_params(state.params, q.layers),
+        metadata={
+            **q.metadata,
+            "pre_tuning_accuracy": before["accuracy"],
+            "post_tuning_accuracy": after["accuracy"],
+            "train_losses": losses,
+            "tune_seconds": seconds,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- CLI stages
@@ -155,6 +178,10 @@ def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) ->
 
 def _dataset(config):
     return load_dataset(config.dataset, data_dir=config.data_dir or None)
+
+
+def _config_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
 
 
 def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainState]:
@@ -167,18 +194,17 @@ def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainStat
     return trainer, state
 
 
-def _check_matches(artifact: compress.Artifact, config, source, workdir=None) -> None:
-    """Refuses an artifact of another model, or (from `workdir`) one made from an earlier
+def _check_matches(q: QuantizedModel, config, source, workdir=None) -> None:
+    """Refuses a model file of another model, or (from `workdir`) one made from an earlier
     state of the workdir's run than the one its summary.json records."""
-    if artifact.config.get("model") != config.model:
+    if q.config.get("model") != config.model:
         raise ArtifactError(
-            f"{source} holds model {artifact.config.get('model')!r}, "
-            f"the config says {config.model!r}"
+            f"{source} holds model {q.config.get('model')!r}, the config says {config.model!r}"
         )
     summary = None if workdir is None else Path(workdir) / "summary.json"
     if summary is not None and summary.exists():
         steps = json.loads(summary.read_text()).get("steps")
-        made_from = artifact.metadata.get("trained_steps")
+        made_from = q.metadata.get("trained_steps")
         if made_from != steps:
             raise ArtifactError(
                 f"{source} is stale: it was made from step {made_from} of training, the run "
@@ -186,36 +212,20 @@ def _check_matches(artifact: compress.Artifact, config, source, workdir=None) ->
             )
 
 
-def _save(path, config, params, batch_stats, quantized, metadata) -> int:
-    return compress.save(
-        path,
-        config=json.loads(config.to_json_best_effort()),
-        params=jax.device_get(params),
-        batch_stats=jax.device_get(batch_stats),
-        layers={k: jax.device_get(v) for k, v in quantized.items()},
-        metadata=metadata,
+def check_fits_model(trainer: Trainer, q: QuantizedModel) -> None:
+    """Refuses a quantized model whose names or shapes differ from the trainer's model."""
+    q.check_fits(
+        trainer.initial_params,
+        trainer.initial_batch_stats,
+        f"the config's model {trainer.config.model!r}",
     )
 
 
-def check_fits_model(trainer: Trainer, params, batch_stats) -> None:
-    """Refuses params / batch statistics whose names or shapes differ from the model's."""
-    pairs = (
-        ("parameter", trainer.initial_params, params),
-        ("batch-statistics", trainer.initial_batch_stats, batch_stats),
-    )
-    for what, ours, theirs in pairs:
-        if jax.tree.map(np.shape, theirs) != jax.tree.map(np.shape, ours):
-            raise ArtifactError(
-                f"the compressed model's {what} names or shapes do not match the config's "
-                f"model {trainer.config.model!r}"
-            )
-
-
-def evaluate_artifact(config, params, batch_stats, dataset) -> dict:
-    """Test loss and accuracy of a compressed model's params under `config`'s model."""
+def evaluate_artifact(config, q: QuantizedModel, dataset) -> dict:
+    """Test loss and accuracy of a quantized model under `config`'s model."""
     trainer = Trainer(tuning_config(config), dataset)
-    check_fits_model(trainer, params, batch_stats)
-    state = trainer.init_state(params=params, batch_stats=batch_stats)
+    check_fits_model(trainer, q)
+    state = trainer.init_state(params=q.params, batch_stats=q.batch_stats)
     return trainer.evaluate(state)
 
 
@@ -238,52 +248,40 @@ def run_pipeline(
         fit_result = fit(config, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
     train_seconds = time.perf_counter() - began
     q = quantize_stage(fit_result.trainer, fit_result.state, config)
-    made_from = {"trained_steps": q["trained_steps"]}
-    _save(
-        workdir / "quantized.qarjax", config, q["params"], q["batch_stats"], q["quantized"],
-        made_from,
-    )  # fmt: skip
-    t = tune_stage(config, dataset, q["params"], q["batch_stats"], q["quantized"])
-    file_bytes = _save(
-        workdir / "tuned.qarjax", config, t["params"], t["batch_stats"], t["quantized"], made_from
-    )
-    sizes = compress.size_report(jax.device_get(t["params"]), t["quantized"], file_bytes)
+    compress.save_model(workdir / "quantized.qarjax", q)
+    t = tune_stage(config, dataset, q)
+    file_bytes = compress.save_model(workdir / "tuned.qarjax", t)
+    sizes = compress.size_report(jax.device_get(t.params), t.layers, file_bytes)
+    m = t.metadata
     report = {
         "model": config.model,
         "dataset": config.dataset,
         "regularizer": config.reg.family,
-        "method": q["method"],
-        "k": sorted({layer.k for layer in q["quantized"].values()}),
-        "fp_accuracy": q["fp_accuracy"],
-        "pre_tuning_accuracy_no_bn": q["pre_tuning_accuracy_no_bn"],
-        "pre_tuning_accuracy": q["pre_tuning_accuracy"],
-        "post_tuning_accuracy": t["post_tuning_accuracy"],
+        "method": m["method"],
+        "k": sorted(set(q.levels().values())),
+        **{key: m[key] for key in ("fp_accuracy", "pre_tuning_accuracy_no_bn")},
+        "pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
+        "post_tuning_accuracy": m["post_tuning_accuracy"],
         "compression_ratio": sizes["compression_ratio"],
         "huffman_compression_ratio": sizes["huffman_compression_ratio"],
         "sizes": sizes,
         "seconds": {
             "train": train_seconds,
-            "quantize": q["quantize_seconds"],
-            "tune": t["tune_seconds"],
+            "quantize": m["quantize_seconds"],
+            "tune": m["tune_seconds"],
         },
-        "tune_losses": t["train_losses"],
+        "tune_losses": m["train_losses"],
     }
     if jax.process_index() == 0:
-        write_report(workdir, report, fit_result, q["quantized"], t["quantized"])
+        write_report(workdir, report, fit_result, q.layers, t.layers)
     return report
 
 
-def _write_stage(workdir: Path, artifact: str, summary: str, config, result, info) -> None:
+def _write_stage(workdir: Path, artifact: str, summary: str, q: QuantizedModel, keys) -> None:
     """Saves a stage's compressed model, then its facts (with the file size) as JSON."""
-    made_from = {"trained_steps": info["trained_steps"]}
-    info["file_bytes"] = _save(
-        workdir / artifact,
-        config,
-        result["params"],
-        result["batch_stats"],
-        result["quantized"],
-        made_from,
-    )
+    info = {key: q.metadata[key] for key in keys} | {
+        "file_bytes": compress.save_model(workdir / artifact, q)
+    }
     write_json_atomic(workdir / summary, info)
     print(json.dumps(info))
 
@@ -307,23 +305,19 @@ def run_command(command: str, config, args) -> None:
         source = Path(args.artifact) if args.artifact else workdir / default
         if command == "eval" and not args.artifact and not source.exists():
             source = workdir / "quantized.qarjax"
-        artifact = compress.load(source)
-        _check_matches(artifact, config, source, None if args.artifact else workdir)
+        loaded = compress.load_model(source)
+        _check_matches(loaded, config, source, None if args.artifact else workdir)
     dataset = _dataset(config)
     if command == "quantize":
         trainer, state = _restore_trained(config, workdir, dataset)
         q = quantize_stage(trainer, state, config)
-        info = {k: v for k, v in q.items() if k not in ("quantized", "params", "batch_stats")}
-        _write_stage(workdir, "quantized.qarjax", "quantize.json", config, q, info)
+        _write_stage(workdir, "quantized.qarjax", "quantize.json", q, QUANTIZE_FACTS)
     elif command == "tune":
-        t = tune_stage(config, dataset, artifact.params(), artifact.batch_stats, artifact.layers)
-        info = {k: t[k] for k in ("pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")}
-        info["trained_steps"] = artifact.metadata.get("trained_steps")
-        _write_stage(workdir, "tuned.qarjax", "tune.json", config, t, info)
+        t = tune_stage(config, dataset, loaded)
+        _write_stage(workdir, "tuned.qarjax", "tune.json", t, TUNE_FACTS)
     elif command == "eval":
-        params = artifact.params()
-        result = evaluate_artifact(config, params, artifact.batch_stats, dataset)
-        sizes = compress.size_report(params, artifact.layers, source.stat().st_size)
+        result = evaluate_artifact(config, loaded, dataset)
+        sizes = compress.size_report(loaded.params, loaded.layers, source.stat().st_size)
         print(
             json.dumps(
                 {"artifact": str(source), **result, "compression_ratio": sizes["compression_ratio"]}

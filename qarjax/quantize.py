@@ -1,8 +1,11 @@
 """Post-training quantization: a pure pytree -> pytree transform, jitted on the device.
 
-``quantize_params(params, layers, method=...)`` returns, per selected layer, the cluster
-index of every weight and the layer's codebook (K sorted values), and a dequantized params
-tree of the original structure in which each selected kernel is ``codebook[indices]``.
+``quantize(model, reg)`` (any NNX model, regularized or not) returns a `QuantizedModel`: the
+value that travels through the stages (quantize -> tune -> save / load -> eval).
+``quantize_params(params, layers, method=...)``, the transform underneath, returns, per
+selected layer, the cluster index of every weight and the layer's codebook (K sorted values),
+and a dequantized params tree of the original structure in which each selected kernel is
+``codebook[indices]``.
 Biases and norm parameters are not selected and stay float.
 
 Methods:
@@ -17,14 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from qarjax.errors import ConfigError
+from qarjax.errors import ArtifactError, ConfigError
 from qarjax.kmeans import assign, kmeans_1d
-from qarjax.trees import Path, get_in, path_name, set_in
+from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, path_name, set_in
 
 METHODS = ("nearest", "uniform", "kmeans")
 MAX_K = 65536
@@ -48,6 +53,95 @@ class QuantizedLayer:
 
     def dequantize(self) -> jax.Array:
         return jnp.take(self.codebook, self.indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+    """A quantized model: what quantize, tune, save / load and eval pass along.
+
+    Attributes:
+      params: the model's weights (nnx.Param) as a plain tree, each quantized kernel
+        dequantized (``codebook[indices]``), the rest float.
+      batch_stats: batch-norm statistics (nnx.BatchStat) as a plain tree ({} without BN).
+      layers: the quantized kernels by name (`QuantizedLayer`: indices and codebook).
+      config: the run's config as a dict ({} for a model of your own).
+      metadata: facts about it (how it was made, accuracies), JSON-ready.
+    """
+
+    params: dict
+    batch_stats: dict
+    layers: dict[str, QuantizedLayer]
+    config: dict = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes) -> QuantizedModel:
+        return dataclasses.replace(self, **changes)
+
+    def check_fits(self, params: dict, batch_stats: dict, what: str = "the model") -> None:
+        """Refuses a model whose weight / statistics names or shapes differ from ours."""
+        for kind, ours, theirs in (
+            ("parameter", self.params, params),
+            ("batch-statistics", self.batch_stats, batch_stats),
+        ):
+            if jax.tree.map(np.shape, ours) != jax.tree.map(np.shape, theirs):
+                raise ArtifactError(
+                    f"the compressed model's {kind} names or shapes do not match {what}"
+                )
+
+    def into(self, model: nnx.Module) -> nnx.Module:
+        """Writes the quantized weights and statistics into `model` (same structure); returns
+        it."""
+        self.check_fits(as_tree(model, nnx.Param), as_tree(model, nnx.BatchStat))
+        nnx.update(model, jax.tree.map(jnp.asarray, self.params))
+        if jax.tree.leaves(self.batch_stats):
+            nnx.update(model, jax.tree.map(jnp.asarray, self.batch_stats))
+        return model
+
+    def levels(self) -> dict[str, int]:
+        """{layer name: K}."""
+        return {name: layer.k for name, layer in self.layers.items()}
+
+
+def quantize(
+    model,
+    reg=None,
+    *,
+    method: str = "auto",
+    k: int | None = None,
+    include: str = r".*kernel",
+) -> QuantizedModel:
+    """Quantizes an NNX model (or its state) to K values per selected kernel.
+
+    With a `Regularization` (`reg`) and method ``auto``: its layers, each quantized to its own
+    grid (learned representatives or static zeros), or by 1-D k-means to its K for families
+    without a grid. Otherwise `method` (``kmeans``, ``uniform``; ``nearest`` needs `reg`) with
+    `k` levels on every parameter whose name fully matches `include` (at least 2-D).
+    The model itself is not changed (`QuantizedModel.into` writes the result into it).
+    """
+    params = as_tree(model, nnx.Param)
+    stats = as_tree(model, nnx.BatchStat)
+    if reg is not None and k is None:
+        tree = as_tree(model)
+        grids = grids_of(reg, params, tree, tree) if method in ("auto", "nearest") else {}
+        layers = [(s.path, len(grids.get(s.name, ())) or s.k) for s in reg.layers]
+    else:
+        if k is None:
+            raise ConfigError("quantize: give k (the levels per layer) or a regularization")
+        grids = {}
+        layers = [
+            (path, k)
+            for path, leaf in leaves_with_paths(params)
+            if np.ndim(leaf) >= 2 and re.fullmatch(include, path_name(path))
+        ]
+        if not layers:
+            raise ConfigError(f"quantize: include={include!r} fully matches no kernel")
+    quantized, dequantized = quantize_params(params, layers, method=method, grids=grids)
+    return QuantizedModel(dequantized, stats, quantized, metadata={"method": method})
+
+
+def grids_of(reg, params: dict, quant: dict, consts: dict) -> dict[str, np.ndarray]:
+    """{layer name: its K grid values} for `reg`'s layers whose family has a grid."""
+    return {s.name: reg.grid_values(s, params, quant, consts) for s in reg.layers if s.fam.has_grid}
 
 
 def check_k(k: int) -> None:
@@ -89,13 +183,14 @@ def quantize_params(
     Args:
       params: nested dict of arrays (e.g. a TrainState's params).
       layers: the kernels to quantize and their K.
-      method: ``nearest`` (needs `grids`), ``uniform`` or ``kmeans``.
-      grids: for ``nearest``, each layer's grid by layer name.
+      method: ``nearest`` (needs `grids`), ``uniform``, ``kmeans``, or ``auto`` (nearest
+        for the layers `grids` has, kmeans for the others).
+      grids: for ``nearest`` / ``auto``, layer grids by layer name.
 
     Returns:
       ({name: QuantizedLayer}, dequantized params of the same structure as `params`).
     """
-    if method not in METHODS:
+    if method not in (*METHODS, "auto"):
         raise ConfigError(f"unknown quantization method {method!r}: choose one of {METHODS}")
     quantized, dequantized = {}, params
     for path, k in layers:
@@ -103,8 +198,9 @@ def quantize_params(
         grid = None if grids is None else grids.get(path_name(path))
         if method == "nearest" and grid is None:
             raise ConfigError(f"no grid for layer {path_name(path)}: use method kmeans or uniform")
+        how = ("nearest" if grid is not None else "kmeans") if method == "auto" else method
         w = get_in(params, path)
-        indices, codebook = quantize_array(w, k, method, grid)
+        indices, codebook = quantize_array(w, k, how, grid if how == "nearest" else None)
         layer = QuantizedLayer(path, indices, codebook)
         quantized[layer.name] = layer
         dequantized = set_in(dequantized, path, layer.dequantize().astype(w.dtype))

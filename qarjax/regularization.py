@@ -1,30 +1,30 @@
-"""Per-layer regularization: which params are regularized, how, and with what strength.
+"""Per-layer regularization of any Flax NNX model: which kernels, which family, K and lambda.
 
-`Regularization` is built once from the config and the model's parameter tree. It is plain
-frozen data plus pure methods, so the jitted train step only calls
-``reg.penalty(params, quant, consts, step, ce_of_params)`` and never knows which family runs
-("one mechanism per idea"). Its parts:
+The public entry is `attach` with a list of `Rule`s (full-match regexes over parameter names
+such as ``conv1/conv/kernel``)::
 
-  - `attach`: adds the family's variables (representatives, ranges, margins, temperatures) to
-    the model, next to each selected kernel (see `qarjax.representatives`);
-  - `initialize`: at the start epoch, fixes each layer's range [a, b] and initializes its
-    representatives / R^2 parameters from the current weights;
-  - `penalty`: sum_l lambda_l(t) R_l, with lambda following the schedule;
-  - `grid` / `metrics`: each layer's quantization grid, and the clustering metrics logged per
-    epoch (regularizer value, live representatives, mean distance to the grid relative to its
-    spacing, the grid itself).
+    reg = attach(model, [Rule(r".*kernel", family="nearest", k=4, lam=0.1),
+                         Rule(r"head/kernel", k=8)])
+    loss = cross_entropy + reg.penalty(model)          # a scalar, differentiable
+
+`Regularization` is frozen data plus pure methods. It adds each family's variables to the
+model next to the kernel they serve (``conv1/conv/kernel_reps``, ``kernel_range``, ...: see
+`qarjax.representatives`), starts them from the current weights (`start`), and gives the
+penalty sum_l lambda_l(t) R_l. It dispatches every per-layer question to the layer's family
+(`qarjax.families`), so the train step never knows which family runs. The math:
+docs/regularizers.md.
 
 K is data, not structure: each grid layer holds its K in a ``kernel_k`` variable and its
 representatives padded to ``k_max`` (masked beyond K), so one compiled train step serves every
 K <= k_max (a sweep over K compiles once per family; `start` sets the K of a run).
 
-Config (``config.reg``; the defaults live in `qarjax.config.default_reg_config`):
-  family, k, k_max (-1: k), lam, k_overrides / lam_overrides ("regex=value,...", each regex
-  full-matched against the selected layer names; a rule that matches none is an error),
-  schedule (constant or warmup), warmup_epochs, start_epoch, include / exclude (regexes
-  searched in param names such as ``conv1/conv/kernel``), range_mode, range_lo / range_hi,
-  init, temperature (dimensionless t: tau = t h^2, h the mean spacing of the layer's
-  representatives), reduction (sum or mean), eta (soft_min_max).
+Two ways to build one: `attach(model, rules, ...)` (any model) and
+`Regularization.from_config(config.reg, params, ...)` (the config keys of
+`qarjax.config.default_reg_config`: family, k, k_max, lam, k_overrides / lam_overrides
+("regex=value,..." full-matched; a rule that matches none is an error), schedule,
+warmup_epochs, start_epoch, include / exclude (regexes searched in parameter names),
+range_mode, range_lo / range_hi, init, temperature (dimensionless t: tau = t h^2, h the mean
+spacing of the layer's representatives), reduction, eta).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,40 +40,48 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qarjax import regularizers as R
 from qarjax.errors import ConfigError
+from qarjax.families import Family, Settings, family
 from qarjax.kmeans import assign, kmeans_1d
-from qarjax.representatives import (
-    INIT_METHODS,
-    RANGE_MODES,
-    GridRange,
-    GridSize,
-    QuantParam,
-    Representatives,
-    grid_range,
-    init_representatives,
-)
-from qarjax.trees import Path, get_in, leaves_with_paths, path_name, set_in
+from qarjax.representatives import INIT_METHODS, RANGE_MODES, GridRange, QuantConst, grid_range
+from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, merge, path_name, set_in
 
-STATIC = ("sine", "cosine")
-DYNAMIC = ("nearest", "softmin")
-RANGE_BASELINES = ("linf", "margin", "soft_min_max")
-FAMILIES = ("none", *STATIC, *DYNAMIC, *RANGE_BASELINES, "gradient_l1")
 SCHEDULES = ("constant", "warmup")
+REDUCTIONS = ("sum", "mean")
 MAX_K = 65536
 
 
 @dataclasses.dataclass(frozen=True)
+class Rule:
+    """Regularize the parameters whose name fully matches `pattern` (e.g. ``.*kernel``).
+
+    A parameter's settings come from every rule that matches it, later rules overriding the
+    fields they set (None: not set); it is regularized when they name a family other than
+    ``none``. `k` (levels, >= 2) is required then; `lam` defaults to 0.1.
+    """
+
+    pattern: str
+    family: str | None = None
+    k: int | None = None
+    lam: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """One regularized parameter: its path in the params tree, K and lambda."""
+    """One regularized parameter: its path in the params tree, family, K and lambda."""
 
     path: Path
     k: int
     lam: float
+    family: str = "none"
 
     @property
     def name(self) -> str:
         return path_name(self.path)
+
+    @property
+    def fam(self) -> Family:
+        return family(self.family)
 
     def var_path(self, suffix: str) -> Path:
         """Path of this layer's extra variable, e.g. conv1/conv/kernel_reps."""
@@ -97,22 +105,57 @@ def parse_overrides(text: str, cast: Callable[[str], Any], what: str) -> list[tu
 
 @dataclasses.dataclass(frozen=True)
 class Regularization:
-    """The regularizer of one run: a family applied to selected layers (see module doc)."""
+    """The regularizer of one run: per-layer families, K and lambda (see module doc)."""
 
-    family: str
     layers: tuple[LayerSpec, ...]
     k_max: int = 0  # size of the padded representatives (0: each layer's own K)
     start_step: int = 0
     warmup_steps: int = 0
     schedule: str = "constant"
-    range_mode: str = "quantile"
-    given_range: tuple[float, float] | None = None
-    init: str = "kmeans"
-    temperature: float = 0.02
-    reduction: str = "sum"
-    eta: float = 0.01
+    settings: Settings = Settings()
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_rules(
+        cls,
+        params,
+        rules: Sequence[Rule],
+        *,
+        k_max: int | None = None,
+        range_mode: str = "quantile",
+        given_range: tuple[float, float] | None = None,
+        init: str = "kmeans",
+        temperature: float = 0.02,
+        reduction: str = "sum",
+        eta: float = 0.01,
+    ) -> Regularization:
+        """Selects layers of a params tree (or model) by `rules`; see `attach`."""
+        tree = as_tree(params, nnx.Param)
+        names = {path_name(p): p for p, leaf in leaves_with_paths(tree) if np.ndim(leaf) >= 1}
+        for rule in rules:
+            _check_rule(rule)
+        check_rules_match([(r.pattern, r) for r in rules], list(names), "attach", "parameters")
+        specs = []
+        for name, path in names.items():
+            fields = {"family": "none", "k": None, "lam": 0.1}
+            for rule in rules:
+                if re.fullmatch(rule.pattern, name):
+                    fields.update(
+                        {f: getattr(rule, f) for f in fields if getattr(rule, f) is not None}
+                    )
+            if fields["family"] == "none":
+                continue
+            if fields["k"] is None:
+                raise ConfigError(f"the rules regularizing {name} give it no k")
+            specs.append(LayerSpec(path, fields["k"], fields["lam"], fields["family"]))
+        if not specs:
+            raise ConfigError(f"the rules select no parameter of {len(names)} ({_shown(names)})")
+        settings = Settings(range_mode, given_range, init, float(temperature), reduction, eta)
+        _check_settings(settings)
+        if k_max is not None:
+            _check_range("k_max", k_max, 2, MAX_K)
+        return cls(tuple(specs), k_max=max([k_max or 0, *(s.k for s in specs)]), settings=settings)
+
     @classmethod
     def from_config(
         cls, cfg, params: dict, *, steps_per_epoch: int, num_epochs: int | None = None
@@ -122,29 +165,18 @@ class Regularization:
         `num_epochs`: the run's length; a regularizer that would start at or after it is
         refused (it would never run, and quantization would use a placeholder grid).
         """
-        family = cfg.family
-        if family not in FAMILIES:
-            raise ConfigError(f"unknown regularizer family {family!r}: choose one of {FAMILIES}")
+        name = cfg.family
+        family(name)  # an unknown name is refused here, with the list
         _check_range("reg.k", cfg.k, 2, MAX_K)
         _check_range("reg.lam", cfg.lam, 0.0, math.inf)
-        if cfg.temperature <= 0:
-            raise ConfigError(f"reg.temperature must be > 0, got {cfg.temperature}")
         if cfg.schedule not in SCHEDULES:
             raise ConfigError(f"unknown reg.schedule {cfg.schedule!r}: choose one of {SCHEDULES}")
-        if cfg.reduction not in ("sum", "mean"):
-            raise ConfigError(f"reg.reduction must be 'sum' or 'mean', got {cfg.reduction!r}")
-        if cfg.range_mode not in RANGE_MODES:
-            raise ConfigError(
-                f"unknown reg.range_mode {cfg.range_mode!r}: choose one of {RANGE_MODES}"
-            )
-        if cfg.init not in INIT_METHODS:
-            raise ConfigError(f"unknown reg.init {cfg.init!r}: choose one of {INIT_METHODS}")
         if cfg.start_epoch < 0 or cfg.warmup_epochs < 0:
             raise ConfigError("reg.start_epoch and reg.warmup_epochs must be >= 0")
-        if family != "none" and num_epochs is not None and cfg.start_epoch >= num_epochs:
+        if name != "none" and num_epochs is not None and cfg.start_epoch >= num_epochs:
             raise ConfigError(
                 f"reg.start_epoch={cfg.start_epoch} is not before num_epochs={num_epochs}: "
-                f"the {family} regularizer would never start"
+                f"the {name} regularizer would never start"
             )
         if cfg.k_max != -1:
             _check_range("reg.k_max", cfg.k_max, 2, MAX_K)
@@ -153,6 +185,10 @@ class Regularization:
             given = (float(cfg.range_lo), float(cfg.range_hi))
             if not given[0] < given[1]:
                 raise ConfigError(f"reg.range_lo must be < reg.range_hi, got {given}")
+        settings = Settings(
+            cfg.range_mode, given, cfg.init, float(cfg.temperature), cfg.reduction, float(cfg.eta)
+        )
+        _check_settings(settings, prefix="reg.")
         k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
         lam_over = parse_overrides(cfg.lam_overrides, float, "reg.lam")
         for _, k in k_over:
@@ -168,28 +204,32 @@ class Regularization:
                 path,
                 first_match(k_over, path_name(path), cfg.k),
                 first_match(lam_over, path_name(path), cfg.lam),
+                name,
             )
             for path in layers
         )
-        k_max = max([cfg.k_max, *(s.k for s in specs)])
         return cls(
-            family=family,
             layers=specs,
-            k_max=k_max,
+            k_max=max([cfg.k_max, *(s.k for s in specs)]),
             start_step=int(cfg.start_epoch) * steps_per_epoch,
             warmup_steps=int(cfg.warmup_epochs) * steps_per_epoch,
             schedule=cfg.schedule,
-            range_mode=cfg.range_mode,
-            given_range=given,
-            init=cfg.init,
-            temperature=float(cfg.temperature),
-            reduction=cfg.reduction,
-            eta=float(cfg.eta),
+            settings=settings,
         )
 
     @property
     def active(self) -> bool:
-        return self.family != "none"
+        return any(s.family != "none" for s in self.layers)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The families in use (in layer order, each once)."""
+        return tuple(dict.fromkeys(s.family for s in self.layers))
+
+    def has_grid(self, layer: LayerSpec | None = None) -> bool:
+        """Whether `layer` (default: every layer) has a grid of its own."""
+        layers = self.layers if layer is None else (layer,)
+        return bool(layers) and all(s.fam.has_grid for s in layers)
 
     def ks_for(self, cfg) -> dict[str, int]:
         """Each layer's K under `cfg` (config.reg: k and k_overrides), for `initialize`; a run
@@ -198,13 +238,12 @@ class Regularization:
         k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
         check_rules_match(k_over, [s.name for s in self.layers], "reg.k_overrides")
         ks = {s.name: first_match(k_over, s.name, cfg.k) for s in self.layers}
-        if self.has_grid():
-            for name, k in ks.items():
-                if not 2 <= k <= self.size(name):
-                    raise ConfigError(
-                        f"K={k} for {name} is outside [2, {self.size(name)}]: the model was "
-                        f"built for reg.k_max={self.size(name)}"
-                    )
+        for s in self.layers:
+            if s.fam.has_grid and not 2 <= ks[s.name] <= self.size(s.name):
+                raise ConfigError(
+                    f"K={ks[s.name]} for {s.name} is outside [2, {self.size(s.name)}]: the "
+                    f"model was built for reg.k_max={self.size(s.name)}"
+                )
         return ks
 
     def size(self, name: str) -> int:
@@ -212,51 +251,60 @@ class Regularization:
         return max(self.k_max, next(s.k for s in self.layers if s.name == name))
 
     def attach(self, model: nnx.Module) -> None:
-        """Adds this family's variables to the modules that own the selected kernels."""
+        """Adds each layer's variables to the module that owns its kernel (placeholders until
+        `start`)."""
         for layer in self.layers:
+            if layer.family == "none":
+                continue
             owner = _module_at(model, layer.path[:-1])
             leaf = layer.path[-1]
             setattr(owner, f"{leaf}_range", GridRange(jnp.array([-1.0, 1.0], jnp.float32)))
-            if self.has_grid():
-                setattr(owner, f"{leaf}_k", GridSize(jnp.int32(layer.k)))
-            if self.family in DYNAMIC:
-                reps = regularizers_grid("sine", self.size(layer.name), -1.0, 1.0)
-                setattr(owner, f"{leaf}_reps", Representatives(reps))
-            elif self.family == "margin":
-                setattr(owner, f"{leaf}_margin", QuantParam(jnp.float32(1.0)))
-            elif self.family == "soft_min_max":
-                setattr(owner, f"{leaf}_alpha", QuantParam(jnp.float32(1.0)))
+            for suffix, variable in layer.fam.variables(self.size(layer.name)).items():
+                setattr(owner, f"{leaf}_{suffix}", variable)
+
+    def consts(self, model) -> dict:
+        """The model's quantization constants (ranges and K: not trained) as a plain tree."""
+        return as_tree(model, QuantConst)
+
+    def variable_labels(self) -> dict[str, str]:
+        """{name: ``reps`` | ``scalars``} of every trainable quantization variable."""
+        return {
+            path_name(s.var_path(suffix)): label
+            for s in self.layers
+            for suffix, label in s.fam.labels().items()
+        }
 
     # ------------------------------------------------------------------ start of regularization
     def initialize(
         self, params: dict, quant: dict, consts: dict, ks: dict[str, int] | None = None
     ) -> tuple[dict, dict]:
-        """Fixes each layer's range and K and initializes its trainable quantization params.
+        """Fixes each layer's range and K and starts its family's variables from the
+        weights; returns the new (quant, consts) trees.
 
         `ks`: K per layer name (see `ks_for`; default: each layer's configured K).
         """
         for layer in self.layers:
+            if layer.family == "none":
+                continue
             k = layer.k if ks is None else ks[layer.name]
             w = get_in(params, layer.path)
-            rng = grid_range(w, self.range_mode, self.given_range)
+            rng = grid_range(w, self.settings.range_mode, self.settings.given_range)
             consts = set_in(consts, layer.var_path("range"), rng)
-            if self.has_grid():
-                consts = set_in(consts, layer.var_path("k"), jnp.int32(k))
-            if self.family in DYNAMIC:
-                reps = init_representatives(w, k, self.init, rng[0], rng[1])
-                # Padding repeats the largest representative; the mask (index < K) hides it.
-                pad = self.size(layer.name) - k
-                reps = jnp.concatenate([reps, jnp.full((pad,), reps[-1], reps.dtype)])
-                quant = set_in(quant, layer.var_path("reps"), reps)
-            elif self.family == "margin":
-                quant = set_in(
-                    quant, layer.var_path("margin"), jnp.max(jnp.abs(w)).astype(jnp.float32)
-                )
-            elif self.family == "soft_min_max":
-                # alpha * w spans about +-5 at the start: soft extremes, not a plain mean.
-                alpha = 5.0 / jnp.maximum(jnp.max(jnp.abs(w)), 1e-12)
-                quant = set_in(quant, layer.var_path("alpha"), alpha.astype(jnp.float32))
+            values = layer.fam.start(w, k, rng, self.settings, self.size(layer.name))
+            trainable_suffixes = layer.fam.labels()
+            for suffix, value in values.items():
+                if suffix in trainable_suffixes:
+                    quant = set_in(quant, layer.var_path(suffix), value)
+                else:
+                    consts = set_in(consts, layer.var_path(suffix), value)
         return quant, consts
+
+    def start(self, model: nnx.Module, ks: dict[str, int] | None = None) -> None:
+        """Starts regularization on `model` in place: each layer's range and K are fixed and
+        its representatives (or R^2 parameters) initialized from the current weights."""
+        tree = as_tree(model)
+        quant, consts = self.initialize(tree, {}, {}, ks)
+        nnx.update(model, merge(quant, consts))
 
     # ------------------------------------------------------------------ the loss term
     def strength(self, step: jax.Array) -> jax.Array:
@@ -267,82 +315,75 @@ class Regularization:
             return started * jnp.clip((step - self.start_step + 1) / self.warmup_steps, 0.0, 1.0)
         return started
 
+    def _vars(self, layer: LayerSpec, quant: dict, consts: dict) -> dict[str, jax.Array]:
+        trainable = layer.fam.labels()
+        suffixes = ("range", *layer.fam.suffixes)
+        return {s: get_in(quant if s in trainable else consts, layer.var_path(s)) for s in suffixes}
+
     def layer_value(self, layer: LayerSpec, w: jax.Array, quant: dict, consts: dict) -> jax.Array:
         """The unweighted R_l of one layer."""
-        family, red = self.family, self.reduction
-        lo, hi = _range_of(layer, consts)
-        if family in STATIC:
-            k = get_in(consts, layer.var_path("k"))
-            fn = R.sine if family == "sine" else R.cosine
-            return fn(w, k=k, lo=lo, hi=hi, reduction=red)
-        if family in DYNAMIC:
-            reps, mask, k = self._reps(layer, quant, consts)
-            if family == "nearest":
-                return R.nearest(w, reps, mask=mask, reduction=red)
-            # tau = t h^2 with h the representatives' own mean spacing (not the range's): a
-            # fixed tau turns soft, and merges the representatives (deterministic annealing
-            # above its critical temperature), once the weights shrink under weight decay;
-            # at K = 2 that collapsed every run. Floored so that merged reps keep tau > 0.
-            live = jnp.where(mask, reps, jnp.nan)
-            h = (jnp.nanmax(live) - jnp.nanmin(live)) / (k - 1)
-            h = jax.lax.stop_gradient(jnp.maximum(h, 1e-3 * (hi - lo) / (k - 1)))
-            return R.softmin(w, reps, temperature=self.temperature * h**2, mask=mask, reduction=red)
-        if family == "linf":
-            return R.linf(w)
-        if family == "margin":
-            return R.margin(w, get_in(quant, layer.var_path("margin")))
-        if family == "soft_min_max":
-            return R.soft_min_max(w, get_in(quant, layer.var_path("alpha")), eta=self.eta)
-        raise ValueError(f"no per-layer value for family {family!r}")
+        return layer.fam.value(w, self._vars(layer, quant, consts), self.settings)
 
-    def penalty(
+    def terms(
         self,
         params: dict,
         quant: dict,
         consts: dict,
-        step: jax.Array,
+        step: jax.Array | None = None,
         ce_of_params: Callable[[dict], jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """sum_l lambda_l(t) R_l, and the unweighted R_l per layer name."""
-        if not self.active or not self.layers:
+        """(sum_l lambda_l(t) R_l, the unweighted R_l per layer name) over plain trees.
+
+        `step`: the train step, for the schedule (None: full strength). `ce_of_params`: the
+        loss as a function of the params, for families whose term needs it (gradient_l1).
+        """
+        layers = [s for s in self.layers if s.family != "none"]
+        if not layers:
             return jnp.float32(0.0), {}
-        if self.family == "gradient_l1":
+        grads = None
+        if any(s.fam.needs_loss for s in layers):
             if ce_of_params is None:
-                raise ValueError("gradient_l1 needs the cross-entropy as a function of the params")
+                raise ValueError("gradient_l1 needs the loss as a function of the params")
             grads = jax.grad(ce_of_params)(params)
-            values = {s.name: jnp.sum(jnp.abs(get_in(grads, s.path))) for s in self.layers}
-        else:
-            values = {
-                s.name: self.layer_value(s, get_in(params, s.path), quant, consts)
-                for s in self.layers
-            }
-        total = sum(s.lam * values[s.name] for s in self.layers)
-        return self.strength(step) * total, values
+        values = {}
+        for s in layers:
+            if s.fam.needs_loss:
+                values[s.name] = jnp.sum(jnp.abs(get_in(grads, s.path)))
+            else:
+                values[s.name] = self.layer_value(s, get_in(params, s.path), quant, consts)
+        total = sum(s.lam * values[s.name] for s in layers)
+        return (total if step is None else self.strength(step) * total), values
+
+    def penalty(self, model, step: jax.Array | None = None) -> jax.Array:
+        """sum_l lambda_l R_l of `model` (an NNX model, its state, or a plain tree holding
+        the weights and this regularization's variables): a differentiable scalar.
+
+        `step` applies the schedule (start step, warm-up); None: full strength."""
+        tree = as_tree(model)
+        return self.terms(tree, tree, tree, step)[0]
+
+    def forward_params(self, params: dict, quant: dict, consts: dict) -> dict:
+        """`params` with each kernel replaced by what its family's forward pass uses
+        (unchanged for the penalty families)."""
+        for s in self.layers:
+            if type(s.fam).forward is not Family.forward:
+                w = s.fam.forward(
+                    get_in(params, s.path), self._vars(s, quant, consts), self.settings
+                )
+                params = set_in(params, s.path, w)
+        return params
 
     # ------------------------------------------------------------------ grids and metrics
-    def has_grid(self) -> bool:
-        return self.family in STATIC + DYNAMIC
-
-    def _reps(self, layer: LayerSpec, quant: dict, consts: dict):
-        reps = get_in(quant, layer.var_path("reps"))
-        k = get_in(consts, layer.var_path("k"))
-        return reps, jnp.arange(reps.shape[-1]) < k, k
-
     def grid(self, layer: LayerSpec, params: dict, quant: dict, consts: dict) -> jax.Array:
         """The layer's sorted quantization grid, padded with +inf to a fixed length beyond
-        its K values: static zeros, representatives, or (for families without a grid) the
-        1-D k-means centroids of its weights (not padded). `grid_values` drops the padding."""
-        if self.family in STATIC:
-            lo, hi = _range_of(layer, consts)
-            k = get_in(consts, layer.var_path("k"))
-            j = jnp.arange(self.size(layer.name), dtype=jnp.float32)
-            h = (hi - lo) / (k - 1) if self.family == "sine" else (hi - lo) / k
-            grid = lo + h * (j if self.family == "sine" else j + 0.5)
-            return jnp.where(j < k, grid, jnp.inf)
-        if self.family in DYNAMIC:
-            reps, mask, _ = self._reps(layer, quant, consts)
-            return jnp.sort(jnp.where(mask, reps, jnp.inf))
-        return kmeans_1d(get_in(params, layer.path), layer.k)
+        its K values: the family's own (static zeros, representatives), or for families
+        without one the 1-D k-means centroids of its weights (not padded). `grid_values`
+        drops the padding."""
+        w = get_in(params, layer.path)
+        if layer.fam.has_grid:
+            v = self._vars(layer, quant, consts)
+            return layer.fam.grid(w, v, self.settings, self.size(layer.name))
+        return kmeans_1d(w, layer.k)
 
     def grid_values(self, layer: LayerSpec, params: dict, quant: dict, consts: dict):
         """The layer's K grid values (host array, sorted): `grid` without its padding."""
@@ -358,22 +399,31 @@ class Regularization:
         for layer in self.layers:
             w = jnp.ravel(get_in(params, layer.path))
             grid = self.grid(layer, params, quant, consts)
-            if self.has_grid():
-                lo, hi = _range_of(layer, consts)
-                k = get_in(consts, layer.var_path("k"))
+            if layer.fam.has_grid:
+                v = self._vars(layer, quant, consts)
+                lo, hi, k = v["range"][0], v["range"][1], v["k"]
             else:
                 lo, hi, k = jnp.min(w), jnp.max(w), layer.k
             stats = _cluster_stats(w, grid, 0.01 * (hi - lo) / (k - 1))
-            if self.family not in ("none", "gradient_l1"):
+            if layer.family != "none" and not layer.fam.needs_loss:
                 stats["reg"] = self.layer_value(layer, w, quant, consts)
             out[layer.name] = stats
         return out
 
 
-def regularizers_grid(family: str, k: int, lo, hi) -> jax.Array:
-    """The static grid of `family` (the K zeros of sine or cosine) over [lo, hi]."""
-    grid = R.cosine_grid(k, lo, hi) if family == "cosine" else R.sine_grid(k, lo, hi)
-    return jnp.asarray(grid, jnp.float32)
+def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **settings):
+    """Regularizes `model` (any Flax NNX model) by `rules`; returns the `Regularization`.
+
+    Adds each selected kernel's variables to the model and, with `start`, starts them from the
+    current weights (call ``reg.start(model)`` again later, e.g. after pre-training).
+    `settings`: k_max, range_mode, given_range, init, temperature, reduction, eta (see
+    `Regularization.from_rules`). A rule that fully matches no parameter is an error.
+    """
+    reg = Regularization.from_rules(model, rules, **settings)
+    reg.attach(model)
+    if start:
+        reg.start(model)
+    return reg
 
 
 @jax.jit
@@ -404,7 +454,7 @@ def select_layers(params: dict, include: str, exclude: str) -> list[Path]:
         raise ConfigError(f"bad layer regex: {e}") from None
     chosen = [
         path
-        for path, leaf in leaves_with_paths(params)
+        for path, leaf in leaves_with_paths(as_tree(params, nnx.Param))
         if inc.search(path_name(path))
         and not (exc and exc.search(path_name(path)))
         and getattr(leaf, "ndim", 0) >= 2
@@ -414,24 +464,51 @@ def select_layers(params: dict, include: str, exclude: str) -> list[Path]:
     return chosen
 
 
-def _range_of(layer: LayerSpec, consts: dict) -> tuple[jax.Array, jax.Array]:
-    rng = get_in(consts, layer.var_path("range"))
-    return rng[0], rng[1]
-
-
 def first_match(overrides, name: str, default):
     """The value of the first (regex, value) override whose regex fully matches `name`."""
     return next((value for pattern, value in overrides if re.fullmatch(pattern, name)), default)
 
 
-def check_rules_match(overrides, names: list[str], what: str) -> None:
+def check_rules_match(overrides, names: list[str], what: str, among="selected layers") -> None:
     """Refuses an override whose regex fully matches none of `names`."""
     for pattern, _ in overrides:
         if not any(re.fullmatch(pattern, n) for n in names):
-            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise ConfigError(
-                f"{what} rule {pattern!r} fully matches none of the selected layers ({shown})"
+                f"{what} rule {pattern!r} fully matches none of the {among} ({_shown(names)})"
             )
+
+
+def _shown(names) -> str:
+    names = list(names)
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+
+def _check_rule(rule: Rule) -> None:
+    try:
+        re.compile(rule.pattern)
+    except re.error as e:
+        raise ConfigError(f"bad rule pattern {rule.pattern!r}: {e}") from None
+    if rule.family is not None:
+        family(rule.family)
+    if rule.k is not None:
+        _check_range(f"rule {rule.pattern!r}: k", rule.k, 2, MAX_K)
+    if rule.lam is not None:
+        _check_range(f"rule {rule.pattern!r}: lam", rule.lam, 0.0, math.inf)
+
+
+def _check_settings(s: Settings, prefix: str = "") -> None:
+    if not s.temperature > 0:
+        raise ConfigError(f"{prefix}temperature must be > 0, got {s.temperature}")
+    if s.reduction not in REDUCTIONS:
+        raise ConfigError(f"{prefix}reduction must be 'sum' or 'mean', got {s.reduction!r}")
+    if s.range_mode not in RANGE_MODES:
+        raise ConfigError(
+            f"unknown {prefix}range_mode {s.range_mode!r}: choose one of {RANGE_MODES}"
+        )
+    if s.range_mode == "given" and s.given_range is None:
+        raise ConfigError(f"{prefix}range_mode 'given' needs a range (lo, hi)")
+    if s.init not in INIT_METHODS:
+        raise ConfigError(f"unknown {prefix}init {s.init!r}: choose one of {INIT_METHODS}")
 
 
 def _check_range(what: str, value, lo, hi) -> None:

@@ -4,14 +4,17 @@ A regularized layer (say the kernel at ``conv1/conv/kernel``) gets, on the modul
 the kernel, variables named after it:
 
   - ``kernel_reps``: `Representatives`, the K trainable cluster centres (dynamic families);
-  - ``kernel_margin`` / ``kernel_alpha``: `QuantParam` scalars for the R^2 baselines;
+  - ``kernel_margin`` / ``kernel_alpha``: `QuantScalar` scalars for the R^2 baselines;
   - ``kernel_range``: `GridRange`, the [lo, hi] fixed when regularization starts (not trained);
   - ``kernel_k``: `GridSize`, the layer's K (an int32 scalar: data, so one compiled step
     serves every K; the representatives are padded to a fixed length and masked beyond it).
 
-`QuantParam` subclasses `nnx.Param`, so these are checkpointed with the model and appear in
-the parameter tree a user inspects, while ``nnx.split(model, QuantParam, ...)`` separates them
-so that optax can give them their own optimizer (see `qarjax.optim`).
+They are checkpointed with the model (``nnx.state(model)`` holds them). `QuantParam` (the
+trainable ones) is deliberately *not* an `nnx.Param`: a plain ``nnx.Optimizer(model, tx,
+wrt=nnx.Param)`` and ``nnx.grad`` leave the representatives alone, so they are never trained by
+the weights' optimizer (weight decay included) by accident. To train them, differentiate and
+optimize with ``wrt=TRAINABLE`` (weights and quantization params) and
+`qarjax.optim.optimizer`, which routes them to their own step.
 """
 
 from __future__ import annotations
@@ -31,12 +34,20 @@ RANGE_MODES = ("quantile", "minmax", "symmetric", "given")
 RANGE_QUANTILE = 0.001  # `quantile` range: [q_0.001(w), q_0.999(w)]
 
 
-class QuantParam(nnx.Param):
+class QuantParam(nnx.Variable):
     """A trainable quantization parameter (representatives, R^2 margin or temperature)."""
 
 
 class Representatives(QuantParam):
     """A layer's K trainable representatives (cluster centres), shape (K,)."""
+
+
+class QuantScalar(QuantParam):
+    """A trainable per-layer scalar (the R^2 margin, the soft-min-max temperature)."""
+
+
+TRAINABLE = nnx.Any(nnx.Param, QuantParam)
+"""The filter of everything training updates: the weights and the quantization params."""
 
 
 class QuantConst(nnx.Variable):

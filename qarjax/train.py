@@ -31,6 +31,7 @@ from qarjax.models import create_model
 from qarjax.optim import make_optimizer, reset_quant_state
 from qarjax.regularization import Regularization
 from qarjax.representatives import QuantConst, QuantParam
+from qarjax.trees import merge, restrict
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -49,7 +50,9 @@ class TrainState:
 
     @property
     def trainable(self) -> dict:
-        return {"params": self.params, "quant": self.quant}
+        """The weights and quantization params in one model-rooted tree (what the optimizer
+        sees: `qarjax.optim.optimizer` routes its leaves by name)."""
+        return merge(self.params, self.quant)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -164,11 +167,7 @@ class Trainer:
             "consts": nnx.to_pure_dict(consts),
             "batch_stats": nnx.to_pure_dict(batch_stats),
         }
-        self.tx = tx or make_optimizer(
-            config,
-            {"params": self._initial["params"], "quant": self._initial["quant"]},
-            self.steps_per_epoch,
-        )
+        self.tx = tx or make_optimizer(config, self.reg, self.steps_per_epoch)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self._place_data()
@@ -214,7 +213,7 @@ class Trainer:
         """The initial train state (or one starting from `params`), replicated over the mesh."""
         params = jax.device_get(self._initial["params"] if params is None else params)
         stats = self._initial["batch_stats"] if batch_stats is None else batch_stats
-        trainable = {"params": params, "quant": self._initial["quant"]}
+        trainable = merge(params, self._initial["quant"])
         state = TrainState(
             step=np.int32(0),
             params=params,
@@ -236,14 +235,16 @@ class Trainer:
         if not self.reg.active:
             return state
         quant, consts = self.reg.initialize(state.params, state.quant, state.consts, ks)
-        trainable = {"params": state.params, "quant": quant}
+        trainable = merge(state.params, quant)
         opt_state = reset_quant_state(self.tx, state.opt_state, trainable)
         new = state.replace(quant=quant, consts=consts, opt_state=opt_state)
         return jax.device_put(new, self.replicated)
 
     # ------------------------------------------------------------------ model
     def apply(self, params, quant, consts, batch_stats, images, *, train: bool, dropout_key=None):
-        """Logits and the updated batch statistics for normalized `images`."""
+        """Logits and the updated batch statistics for normalized `images` (the kernels as
+        the regularizer's forward pass sees them: unchanged for the penalty families)."""
+        params = self.reg.forward_params(params, quant, consts)
         model = nnx.merge(self.graphdef, quant, params, consts, batch_stats)
         rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
         logits = model(images, train=train, rngs=rngs)
@@ -261,12 +262,15 @@ class Trainer:
         return optax.softmax_cross_entropy(logits, onehot).mean()
 
     def loss_fn(self, trainable, consts, batch_stats, images, labels, step, dropout_key):
-        """Cross-entropy + the regularizer; returns (loss, aux)."""
+        """Cross-entropy + the regularizer; returns (loss, aux). `trainable`: the weights and
+        quantization params in one tree (`TrainState.trainable`)."""
+        params = restrict(trainable, self._initial["params"])
+        quant = restrict(trainable, self._initial["quant"])
 
         def ce_of(params):
             logits, stats = self.apply(
                 params,
-                trainable["quant"],
+                quant,
                 consts,
                 batch_stats,
                 images,
@@ -275,10 +279,8 @@ class Trainer:
             )
             return self.cross_entropy(logits, labels), (logits, stats)
 
-        ce, (logits, new_stats) = ce_of(trainable["params"])
-        penalty, _ = self.reg.penalty(
-            trainable["params"], trainable["quant"], consts, step, lambda p: ce_of(p)[0]
-        )
+        ce, (logits, new_stats) = ce_of(params)
+        penalty, _ = self.reg.terms(params, quant, consts, step, lambda p: ce_of(p)[0])
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
         return ce + penalty, {
             "ce": ce,
@@ -313,8 +315,8 @@ class Trainer:
             trainable = optax.apply_updates(state.trainable, updates)
             new = state.replace(
                 step=state.step + 1,
-                params=trainable["params"],
-                quant=trainable["quant"],
+                params=restrict(trainable, state.params),
+                quant=restrict(trainable, state.quant),
                 batch_stats=aux["batch_stats"],
                 opt_state=opt_state,
             )
@@ -371,6 +373,7 @@ class Trainer:
         }
 
     def _batch_statistics_impl(self, params, quant, consts, batch_stats, data, idx, key):
+        params = self.reg.forward_params(params, quant, consts)
         model = nnx.merge(self.graphdef, quant, params, consts, batch_stats)
         modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
         for _, module in modules:

@@ -11,20 +11,25 @@ cluster get the same float update in the same order, so a tuned layer still hold
 values. Other
 parameters (biases, batch-norm scales, unquantized layers) get plain Adam.
 
-`recompute_batch_stats` re-estimates batch-norm statistics for quantized weights: forward
-passes over training batches in train mode, no gradient.
+`tune(model, q, loss_fn, batches)` does this on any NNX model with the user's own loss, and
+returns the tuned `QuantizedModel`. `recompute_batch_stats` re-estimates batch-norm statistics
+for quantized weights: forward passes over training batches in train mode, no gradient.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
-from qarjax.trees import get_in, set_in
+from qarjax.errors import ConfigError
+from qarjax.quantize import QuantizedModel, layers_from_params
+from qarjax.trees import as_tree, get_in, set_in
 
 
 class CodebookAdamState(NamedTuple):
@@ -43,12 +48,12 @@ def codewords(w: jax.Array, k_max: int) -> tuple[jax.Array, jax.Array]:
 def codebook_adam(paths: list, learning_rate: float, *, k_max: int) -> optax.GradientTransformation:
     """Adam on the codewords of the quantized kernels at `paths` and on every other parameter.
 
-    Works on the ``{"params": ..., "quant": ...}`` tree the Trainer optimizes. The codebooks
+    Works on a model-rooted tree of the weights (`TrainState.trainable`, or a model's
+    ``nnx.state(model, nnx.Param)`` as a plain dict), `paths` into it. The codebooks
     and indices are read off the (dequantized) params at init, so one transform, and one
     compiled tuning step, serves every model quantized to at most `k_max` values per layer.
     """
     adam = optax.adam(learning_rate)
-    paths = [("params", *path) for path in paths]
 
     def reduce(tree, indices):
         for path in paths:
@@ -102,3 +107,49 @@ def recompute_batch_stats(trainer, state, params: dict, num_batches: int) -> dic
         )
         total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     return jax.tree.map(lambda x: x / num_batches, total)
+
+
+def tune(
+    model: nnx.Module,
+    q: QuantizedModel,
+    loss_fn: Callable[..., jax.Array],
+    batches: Iterable,
+    *,
+    learning_rate: float = 1e-3,
+) -> QuantizedModel:
+    """Tunes `q`'s codebooks (indices fixed) and the float leftovers on `model`.
+
+    Writes `q` into `model`, then for each batch takes one `codebook_adam` step on
+    ``loss_fn(model, *batch)`` (a tuple batch is unpacked; the loss decides train or eval
+    mode, and batch statistics it updates are kept). Returns the tuned `QuantizedModel`;
+    `model` holds it too. One compiled step serves every batch of the same shapes.
+    """
+    if not learning_rate > 0:
+        raise ConfigError(f"tune: learning_rate must be > 0, got {learning_rate}")
+    q.into(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    k_max = max(q.levels().values())
+    tx = codebook_adam([layer.path for layer in q.layers.values()], learning_rate, k_max=k_max)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, rest, opt_state, batch):
+        def loss_of(p):
+            m = nnx.merge(graphdef, p, rest)
+            loss = loss_fn(m, *batch)
+            return loss, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
+
+        (_, rest), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state
+
+    for batch in batches:
+        batch = batch if isinstance(batch, tuple) else (batch,)
+        params, rest, opt_state = step(params, rest, opt_state, batch)
+    nnx.update(model, params, rest)
+    return q.replace(
+        params=params,
+        batch_stats=as_tree(model, nnx.BatchStat),
+        layers=layers_from_params(params, q.layers),
+    )

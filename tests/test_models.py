@@ -8,7 +8,12 @@ from qarjax.errors import ConfigError
 from qarjax.models import count_params, create_model
 
 # The README's table; a change here is a change of architecture.
-PARAM_COUNTS = {"cnn_small": 156_186, "alexnet": 36_054_858, "vgg16": 15_249_354}
+PARAM_COUNTS = {
+    "cnn_small": 156_186,
+    "alexnet": 36_054_858,
+    "vgg16": 15_249_354,
+    "resnet20": 269_722,  # He et al. 2016: 0.27 M
+}
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))

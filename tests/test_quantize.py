@@ -92,8 +92,8 @@ def test_tuning_keeps_k_values_and_lowers_the_training_loss(tiny_config):
     tiny_config.quant.k = 2  # aggressive, so there is accuracy to win back
     tiny_config.quant.include = "kernel"
     q = quantize_stage(trainer, state, tiny_config)
-    t = tune_stage(tiny_config, dataset, q["params"], q["batch_stats"], q["quantized"])
-    for name, layer in t["quantized"].items():
-        assert distinct_values(get_in(t["params"], layer.path)) <= 2, name
-    losses = t["train_losses"]
+    t = tune_stage(tiny_config, dataset, q)
+    for name, layer in t.layers.items():
+        assert distinct_values(get_in(t.params, layer.path)) <= 2, name
+    losses = t.metadata["train_losses"]
     assert losses[-1] < losses[0], losses

@@ -24,6 +24,22 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 }
 
 
+def register_model(name: str):
+    """Registers a model class under `name` (a class decorator), for configs and the CLI.
+
+    The class is built as ``cls(num_classes=, image_shape=(H, W, C), dtype=, rngs=,
+    [dropout=])`` and called as ``model(images, train=..., rngs=...)`` on normalized NHWC
+    floats, returning logits; it keeps no state besides nnx.Param and nnx.BatchStat."""
+
+    def add(cls):
+        if name in MODELS:
+            raise ValueError(f"a model named {name!r} is already registered")
+        MODELS[name] = cls
+        return cls
+
+    return add
+
+
 def create_model(
     name: str,
     *,
@@ -49,3 +65,6 @@ def create_model(
 def count_params(model: nnx.Module) -> int:
     """Number of scalars in the model's trainable nnx.Param variables."""
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+from qarjax.models import resnet  # noqa: E402, F401  (registers resnet20 through the public API)

@@ -1,0 +1,173 @@
+"""The public API (`import qarjax as qj`) on models qarjax does not ship, with the user's own
+optax loop: the README's Python blocks as written, a user MLP through every call, and the
+promises the API makes about optimizers and rules."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import REPO
+
+import qarjax as qj
+from qarjax.errors import ArtifactError, ConfigError
+
+
+def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the tour writes its model file into the working directory
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs, width=32):
+        self.body = nnx.Linear(8, width, rngs=rngs)
+        self.norm = nnx.BatchNorm(width, rngs=rngs)
+        self.out = nnx.Linear(width, 3, rngs=rngs)
+
+    def __call__(self, x, train=False):
+        h = nnx.relu(self.norm(self.body(x), use_running_average=not train))
+        return self.out(h)
+
+
+def _data(n=384, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(3, 8))[y] + 0.8 * rng.normal(size=(n, 8))
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def _ce(model, x, y, train=True):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x, train=train), y).mean()
+
+
+def _accuracy(model, x, y):
+    return float(jnp.mean(model(x).argmax(-1) == y))
+
+
+def test_a_user_mlp_through_the_whole_public_api(tmp_path):
+    x, y = _data()
+    model = MLP(nnx.Rngs(0))
+    rules = [qj.Rule(r".*/kernel", family="softmin", k=4, lam=0.05), qj.Rule("out/kernel", k=2)]
+    reg = qj.attach(model, rules)
+    assert {s.name: s.k for s in reg.layers} == {"body/kernel": 4, "out/kernel": 2}
+    opt = nnx.Optimizer(model, qj.optimizer(optax.adamw(3e-3), reg), wrt=qj.TRAINABLE)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        loss_fn = lambda m: _ce(m, x, y) + reg.penalty(m)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, qj.TRAINABLE))(model)
+        opt.update(model, grads)
+        return loss
+
+    reps_before = np.asarray(model.body.kernel_reps[...])
+    for i in range(150):
+        step(model, opt, x[i % 3 :: 3], y[i % 3 :: 3])
+    assert not np.allclose(model.body.kernel_reps[...], reps_before)  # trained, own step
+    trained = _accuracy(model, x, y)
+    assert trained > 0.8
+
+    q = qj.quantize(model, reg)
+    assert q.levels() == {"body/kernel": 4, "out/kernel": 2}
+    tuned = qj.tune(model, q, _ce, [(x, y)] * 20, learning_rate=1e-3)
+    for name, layer in tuned.layers.items():  # still K values, the same indices
+        assert np.unique(np.asarray(tuned.params[name.split("/")[0]]["kernel"])).size <= layer.k
+        np.testing.assert_array_equal(layer.indices, q.layers[name].indices)
+    accuracy = _accuracy(model, x, y)
+    assert accuracy > 0.7
+
+    path = tmp_path / "mlp.qarjax"
+    qj.save(path, tuned)
+    fresh = MLP(nnx.Rngs(7))  # no regularizer variables: the file holds weights and stats only
+    loaded = qj.load(path, into=fresh)
+    assert _accuracy(fresh, x, y) == accuracy
+    assert loaded.levels() == tuned.levels()
+    with pytest.raises(ArtifactError, match="do not match"):
+        qj.load(path, into=MLP(nnx.Rngs(0), width=16))
+
+
+def test_a_plain_nnx_optimizer_leaves_the_representatives_alone():
+    x, y = _data(64)
+    model = MLP(nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule(r".*kernel", family="nearest", k=4, lam=0.1)])
+    reps = np.asarray(model.body.kernel_reps[...])
+    kernel = np.asarray(model.body.kernel[...])
+    opt = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.5), wrt=nnx.Param)
+    grads = nnx.grad(lambda m: _ce(m, x, y) + reg.penalty(m))(model)
+    opt.update(model, grads)
+    np.testing.assert_array_equal(model.body.kernel_reps[...], reps)
+    assert not np.allclose(model.body.kernel[...], kernel)
+
+
+def test_the_optimizer_gives_representatives_their_own_step():
+    x, y = _data(64)
+    model = MLP(nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule(r"body/kernel", family="nearest", k=4, lam=1.0)])
+    reps = np.asarray(model.body.kernel_reps[...], np.float64)
+    # The weights' optimizer decays hard; the representatives must not see it.
+    tx = qj.optimizer(optax.adamw(0.1, weight_decay=10.0), reg, reps_step=0.05)
+    opt = nnx.Optimizer(model, tx, wrt=qj.TRAINABLE)
+    grads = nnx.grad(lambda m: reg.penalty(m), argnums=nnx.DiffState(0, qj.TRAINABLE))(model)
+    g = np.asarray(grads["body"]["kernel_reps"][...], np.float64)
+    opt.update(model, grads)
+    h = (reps.max() - reps.min()) / 3
+    moved = np.asarray(model.body.kernel_reps[...], np.float64) - reps
+    # Adam's first step is -g / (|g| + eps), scaled by reps_step grid spacings.
+    np.testing.assert_allclose(moved, -0.05 * h * g / (np.abs(g) + 1e-8), rtol=1e-4)
+
+
+@pytest.mark.parametrize("tx", [optax.sgd(0.5), optax.adam(0.5)], ids=["sgd", "adam"])
+def test_the_decoupled_pull_is_the_same_step_under_any_optimizer(tx):
+    model = MLP(nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule(r"body/kernel", family="nearest", k=4, lam=0.3)])
+    w = np.asarray(model.body.kernel[...], np.float64)
+    c = np.asarray(model.body.kernel_reps[...], np.float64)
+    lr = 0.01
+    opt = nnx.Optimizer(model, qj.optimizer(tx, reg, decoupled=lr), wrt=qj.TRAINABLE)
+    zero = jax.tree.map(jnp.zeros_like, nnx.state(model, qj.TRAINABLE))  # no loss gradient
+    opt.update(model, zero, consts=reg.consts(model))
+    nearest = c[np.argmin((w[..., None] - c) ** 2, axis=-1)]
+    expected = w - lr * 0.3 * 2 * (w - nearest)  # -lr * lambda * d/dw min_k (w - c_k)^2
+    np.testing.assert_allclose(model.body.kernel[...], expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="consts=reg.consts"):
+        opt.update(model, zero)
+
+
+def test_rules_full_match_override_in_order_and_report_what_matches_nothing():
+    model = MLP(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)  # a state works as well as the model
+    reg = qj.Regularization.from_rules(
+        params, [qj.Rule(r".*kernel", family="sine", k=4), qj.Rule(r"out/kernel", lam=2.0)]
+    )
+    assert [(s.name, s.k, s.lam, s.family) for s in reg.layers] == [
+        ("body/kernel", 4, 0.1, "sine"),
+        ("out/kernel", 4, 2.0, "sine"),
+    ]
+    with pytest.raises(ConfigError, match="'ou/kernel' fully matches none of the parameters"):
+        qj.attach(model, [qj.Rule(r".*kernel", family="sine", k=4), qj.Rule("ou/kernel", k=2)])
+    with pytest.raises(ConfigError, match="give it no k"):
+        qj.attach(model, [qj.Rule(r"body/kernel", family="sine")])
+    with pytest.raises(ConfigError, match="unknown regularizer family 'magic'"):
+        qj.attach(model, [qj.Rule(r"body/kernel", family="magic", k=2)])
+
+
+def test_quantize_without_a_regularizer_and_a_new_family_in_one_class():
+    model = MLP(nnx.Rngs(0))
+    q = qj.quantize(model, method="kmeans", k=3)
+    assert q.levels() == {"body/kernel": 3, "out/kernel": 3}
+
+    class Absolute(qj.Family):
+        name = "absolute_test"
+
+        def value(self, w, v, s):
+            return jnp.sum(jnp.abs(w))
+
+    qj.register_family(Absolute)
+    reg = qj.attach(model, [qj.Rule(r"out/kernel", family="absolute_test", k=2, lam=1.0)])
+    expected = np.abs(np.asarray(model.out.kernel[...], np.float64)).sum()
+    assert float(reg.penalty(model)) == pytest.approx(expected, rel=1e-6)
