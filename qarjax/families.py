@@ -97,7 +97,11 @@ def register(cls: type[Family]) -> type[Family]:
 
 
 def family(name: str) -> Family:
-    """The registered family `name` (a one-line error listing the names otherwise)."""
+    """The registered family `name` (a one-line error listing the names otherwise).
+
+    >>> family("nearest").has_grid, family("nearest").suffixes, family("linf").has_grid
+    (True, ('k', 'reps'), False)
+    """
     if name not in FAMILIES:
         raise ConfigError(f"unknown regularizer family {name!r}: choose one of {tuple(FAMILIES)}")
     return FAMILIES[name]

@@ -131,6 +131,9 @@ def kmeans_1d(w: jax.Array, k: int, *, max_iter: int = 100, tol: float = 1e-5) -
 
     Returns:
       The centroids, shape (K,), sorted ascending, in w's dtype (float32 for integers).
+
+    >>> [round(c, 3) for c in kmeans_1d(jnp.array([0.0, 0.1, 0.2, 5.0, 5.2, 9.0]), 3).tolist()]
+    [0.1, 5.1, 9.0]
     """
     out_dtype = w.dtype if jnp.issubdtype(w.dtype, jnp.floating) else jnp.float32
     w = jnp.ravel(w).astype(jnp.promote_types(w.dtype, jnp.float32))

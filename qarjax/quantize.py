@@ -117,6 +117,12 @@ def quantize(
     without a grid. Otherwise `method` (``kmeans``, ``uniform``; ``nearest`` needs `reg`) with
     `k` levels on every parameter whose name fully matches `include` (at least 2-D).
     The model itself is not changed (`QuantizedModel.into` writes the result into it).
+
+    >>> from flax import nnx
+    >>> q = quantize(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), method="kmeans", k=4)
+    >>> q.levels(), sorted(set(q.params["kernel"].ravel().tolist())) == sorted(
+    ...     q.layers["kernel"].codebook.tolist())
+    ({'kernel': 4}, True)
     """
     params = as_tree(model, nnx.Param)
     stats = as_tree(model, nnx.BatchStat)

@@ -418,6 +418,16 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     current weights (call ``reg.start(model)`` again later, e.g. after pre-training).
     `settings`: k_max, range_mode, given_range, init, temperature, reduction, eta (see
     `Regularization.from_rules`). A rule that fully matches no parameter is an error.
+
+    >>> from flax import nnx
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs))
+    >>> rules = [Rule(r".*kernel", family="nearest", k=4), Rule("layers/1/kernel", k=2)]
+    >>> reg = attach(model, rules)
+    >>> [(s.name, s.k) for s in reg.layers], model.layers[0].kernel_reps.shape
+    ([('layers/0/kernel', 4), ('layers/1/kernel', 2)], (4,))
+    >>> float(reg.penalty(model)) > 0
+    True
     """
     reg = Regularization.from_rules(model, rules, **settings)
     reg.attach(model)

@@ -80,8 +80,10 @@ def sine(w: jax.Array, *, k: int, lo, hi, reduction: str = "sum") -> jax.Array:
       The reduced regularizer (a scalar), or rho shaped like `w` for reduction="none".
 
     Example:
-      >>> float(sine(jnp.array([0.0, 0.5, 1.0]), k=3, lo=0.0, hi=1.0))  # all on the grid
+      >>> round(float(sine(jnp.array([0.0, 0.5, 1.0]), k=3, lo=0.0, hi=1.0)), 9)  # on the grid
       0.0
+      >>> round(float(sine(jnp.array([0.25]), k=3, lo=0.0, hi=1.0)), 6)  # (h/pi)^2 midway
+      0.02533
     """
     h = (hi - lo) / (k - 1)
     clipped = jnp.clip(w, lo, hi)
@@ -135,6 +137,14 @@ def nearest(
         layer machinery pads representatives to a fixed size, so K can change without a
         recompilation).
       reduction: "sum", "mean" or "none".
+
+    Example:
+      >>> reps = jnp.array([-1.0, 0.0, 1.0])
+      >>> terms = nearest(jnp.array([-0.9, 0.2, 0.5]), reps, reduction="none")
+      >>> [round(v, 4) for v in terms.tolist()]
+      [0.01, 0.04, 0.25]
+      >>> round(float(nearest(jnp.array([0.9]), reps, mask=jnp.array([True, True, False]))), 4)
+      0.81
     """
     distance = (w[..., None] - reps) ** 2
     if mask is not None:

@@ -83,6 +83,9 @@ def chunking(batches: int, wanted: int) -> tuple[int, int]:
     dropped (fewer than the number of chunks; the data order changes every epoch, so no image
     is always left out). A largest-divisor rule would fall to 1 step per call when the
     batch count is prime (CIFAR-10 at batch 512: 97), a host round trip per step.
+
+    >>> chunking(97, 50), chunking(101, 50), chunking(7, 1)
+    ((48, 96), (33, 99), (1, 7))
     """
     chunks = -(-batches // max(1, min(wanted, batches)))
     size = batches // chunks

@@ -19,11 +19,21 @@ Path = tuple[Any, ...]
 
 
 def path_name(path: Path) -> str:
+    """The name of a tuple path.
+
+    >>> path_name(("features", 3, "conv", "kernel"))
+    'features/3/conv/kernel'
+    """
     return "/".join(str(k) for k in path)
 
 
 def keypath_name(keypath) -> str:
-    """The name of a jax key path (dict keys, sequence indices and attribute names)."""
+    """The name of a jax key path (dict keys, sequence indices and attribute names).
+
+    >>> import jax
+    >>> [keypath_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, {"b": 2}]})[0]]
+    ['a/0', 'a/1/b']
+    """
     return path_name(tuple(_key(k) for k in keypath))
 
 
@@ -47,7 +57,12 @@ def as_tree(x, *filters) -> dict:
 
 
 def merge(a: dict, b: dict) -> dict:
-    """Deep union of two trees whose leaves are disjoint (b wins where both have a leaf)."""
+    """Deep union of two trees whose leaves are disjoint (b wins where both have a leaf).
+
+    >>> tree = merge({"conv": {"kernel": 1}}, {"conv": {"kernel_reps": 2}})
+    >>> tree, restrict(tree, {"conv": {"kernel": None}})
+    ({'conv': {'kernel': 1, 'kernel_reps': 2}}, {'conv': {'kernel': 1}})
+    """
     out = dict(a)
     for key, value in b.items():
         out[key] = merge(out[key], value) if isinstance(out.get(key), dict) else value
