@@ -23,6 +23,8 @@ def get_config(arg: str | None = None):
     config.weight_decay = 5e-4
     config.warmup_epochs = 2
     config.label_smoothing = 0.0
+    # CIFAR-10's recipe whichever way the data loads (an image folder alone would not flip)
+    config.augment.crop_padding, config.augment.flip = 4, True
     config.compute_dtype = "bfloat16"
     config.reg.k = 4
     config.reg.lam = 0.1

@@ -154,7 +154,9 @@ def tune_stage(config, dataset, params, batch_stats, quantized, trainer=None) ->
 
 
 def _dataset(config):
-    return load_dataset(config.dataset, data_dir=config.data_dir or None)
+    return load_dataset(
+        config.dataset, data_dir=config.data_dir or None, channels=config.dataset_channels
+    )
 
 
 def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainState]:
