@@ -1,8 +1,8 @@
 """AlexNet (CIFAR variant) on CIFAR-10, optionally with a quantization-aware regularizer.
 
-    qarjax train --config configs/alexnet_cifar10.py --workdir runs/alexnet \
+    qarjax train --config=configs/alexnet_cifar10.py --workdir=runs/alexnet \
         --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
-    qarjax run --config configs/alexnet_cifar10.py:nearest --workdir runs/alexnet_nearest \
+    qarjax run --config=configs/alexnet_cifar10.py:nearest --workdir=runs/alexnet_nearest \
         --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
 
 ARG (after the colon) picks the regularizer family (default none). `runlocal` shrinks

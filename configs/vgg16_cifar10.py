@@ -1,8 +1,8 @@
 """VGG16 with batch norm on CIFAR-10, optionally with a quantization-aware regularizer.
 
-    qarjax train --config configs/vgg16_cifar10.py --workdir runs/vgg16 \
+    qarjax train --config=configs/vgg16_cifar10.py --workdir=runs/vgg16 \
         --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
-    qarjax run --config configs/vgg16_cifar10.py:softmin --workdir runs/vgg16_softmin \
+    qarjax run --config=configs/vgg16_cifar10.py:softmin --workdir=runs/vgg16_softmin \
         --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
 
 The spec's measurements used 30 plain epochs then 15 regularized ones; this default trains
