@@ -92,6 +92,10 @@ def main_help() -> str:
 
 def _flag_error(error: Exception) -> ConfigError:
     text = " ".join(str(error).split()).removeprefix("ERROR:: ")  # absl's flagfile errors
+    cause = error.__context__
+    if isinstance(error, flags.IllegalFlagValueError) and isinstance(cause, ValueError):
+        if len(cause.args) == 2:  # absl's bool parser: ('Non-boolean argument ...', value)
+            text = f"{text.split(': ', 1)[0]}: {cause.args[0]}"
     return ConfigError(text or type(error).__name__)
 
 
