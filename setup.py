@@ -14,6 +14,7 @@ setup(
         "optax>=0.2.4,<0.3",
         "chex>=0.1.87",
         "ml_collections>=0.1.1",
+        "absl-py>=2.1",
         "orbax-checkpoint>=0.11,<0.13",
         "numpy>=1.26",
         "pillow>=10",

@@ -1,8 +1,8 @@
 """AlexNet (CIFAR variant) on CIFAR-10, optionally with a quantization-aware regularizer.
 
-    qarjax train --config configs/alexnet_cifar10.py --workdir runs/alexnet \
+    qarjax train --config=configs/alexnet_cifar10.py --workdir=runs/alexnet \
         --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
-    qarjax run --config configs/alexnet_cifar10.py:nearest --workdir runs/alexnet_nearest \
+    qarjax run --config=configs/alexnet_cifar10.py:nearest --workdir=runs/alexnet_nearest \
         --config.dataset=imagefolder:../shared/data/cifar10-jpeg.tar.gz
 
 ARG (after the colon) picks the regularizer family (default none). `runlocal` shrinks
@@ -23,6 +23,8 @@ def get_config(arg: str | None = None):
     config.weight_decay = 5e-4
     config.warmup_epochs = 2
     config.compute_dtype = "bfloat16"
+    # CIFAR-10's recipe whichever way the data loads (an image folder alone would not flip)
+    config.augment.crop_padding, config.augment.flip = 4, True
     config.reg.k = 4
     config.reg.lam = 0.1
     config.reg.start_epoch = 30

@@ -1,7 +1,7 @@
 """Demo: the small CNN on the embedded cifar10_mini, with the nearest regularizer (K = 4).
 
-    qarjax train --config configs/demo.py --workdir runs/demo_train
-    qarjax run --config configs/demo.py --workdir runs/demo      # train, quantize, tune, report
+    qarjax train --config=configs/demo.py --workdir=runs/demo_train
+    qarjax run --config=configs/demo.py --workdir=runs/demo      # train, quantize, tune, report
 
 About a minute per pipeline on a 2-core CPU.
 """

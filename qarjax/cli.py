@@ -1,81 +1,149 @@
 """The `qarjax` command line: train, quantize, tune, eval and run over config files.
 
-    qarjax train --config configs/demo.py --workdir runs/demo [--config.num_epochs=3]
-    qarjax run   --config configs/vgg16_cifar10.py:nearest --workdir runs/vgg16
+    qarjax train --config=configs/demo.py --workdir=runs/demo [--config.num_epochs=3]
+    qarjax run   --config=configs/vgg16_cifar10.py:nearest --workdir=runs/vgg16
+    qarjax run   --flagfile=sweep/nearest_k4.flags      # any of the flags, one per line
 
-``--config FILE[:ARG]`` loads ``get_config(ARG)`` from FILE; ``--config.a.b=VALUE`` overrides
-any key (the value is parsed as a Python literal when it is one, and must match the key's
-type). A problem with the input exits with status 2 and one line on stderr, never a
-traceback. Multi-host runs pass ``--coordinator HOST:PORT --num_processes N --process_id I``
-(or set the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment).
+The first argument is the command; absl flags parse the rest. ``--config FILE[:ARG]`` loads
+``get_config(ARG)`` from FILE with ml_collections' config_flags (locked: an unknown key is an
+error); ``--config.a.b=VALUE`` overrides a key, parsed as the key's type. A problem with the
+input exits with status 2 and one line on stderr, never a traceback. Multi-host runs pass
+``--coordinator HOST:PORT --num_processes N --process_id I`` (or set the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
+import dataclasses
+import difflib
 import os
+import re
 import sys
+
+from absl import flags
+from ml_collections import config_flags
 
 from qarjax.errors import ConfigError, QarjaxError
 
-COMMANDS = ("train", "quantize", "tune", "eval", "run")
+COMMANDS = {
+    "train": "train the config in --workdir (checkpoints, metrics, summary.json)",
+    "quantize": "quantize a trained run: quantized.qarjax + quantize.json",
+    "tune": "tune the quantized model's codebooks: tuned.qarjax + tune.json",
+    "eval": "evaluate the workdir's (or --artifact's) compressed model",
+    "run": "train -> quantize -> tune -> report, in one go",
+}
+USAGE = f"usage: qarjax {{{','.join(COMMANDS)}}} --config=FILE[:ARG] --workdir=DIR [flags]"
+OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")  # config_flags' own override pattern
 
 
-def parse_value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text.lower() in ("nan", "inf", "-inf", "+inf"):
-        return float(text)  # so that range checks see (and refuse) them
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """One parsed command line: the command, its loaded config and its flags."""
+
+    command: str
+    config: object  # the locked ml_collections.ConfigDict, overrides applied
+    workdir: str
+    resume: bool = False
+    overwrite: bool = False
+    artifact: str | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
-def apply_overrides(config, overrides: list[str]):
-    """Applies ['--config.a.b=v', ...] to `config`; unknown keys and bad types are errors."""
-    for item in overrides:
-        key, sep, raw = item[len("--config.") :].partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} needs a value: --config.{key}=VALUE")
-        node, parts = config, key.split(".")
-        for part in parts[:-1]:
-            if part not in node:
-                raise ConfigError(f"unknown config key {key!r}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"unknown config key {key!r}")
-        value, current = parse_value(raw), node[parts[-1]]
-        if isinstance(current, str) and not isinstance(value, str):
-            value = raw  # e.g. --config.reg.include=123 for a string key
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        try:
-            node[parts[-1]] = value
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"bad value for {key}: {raw!r} ({e})") from None
-    return config
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qarjax", description="Quantization-aware regularization for JAX/Flax NNX."
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """The command flags, into `fv`; `argv` is what the config flag reads overrides from."""
+    flags.DEFINE_string("workdir", None, "the run's folder (required)", flag_values=fv)
+    flags.DEFINE_boolean("resume", False, "continue the run in --workdir", flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "replace a run in --workdir", flag_values=fv)
+    flags.DEFINE_string(
+        "artifact", None, "eval: a compressed model file instead of the workdir's", flag_values=fv
     )
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG")
-    parser.add_argument("--workdir", required=True, help="the run's folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run in --workdir")
-    parser.add_argument("--artifact", help="eval: a compressed model file instead of the workdir")
-    parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
-    parser.add_argument("--num_processes", type=int, help="multi-host: number of processes")
-    parser.add_argument("--process_id", type=int, help="multi-host: this process's index")
-    return parser
+    flags.DEFINE_string("coordinator", None, "multi-host: coordinator HOST:PORT", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's index", flag_values=fv)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "config file FILE[:ARG], get_config(ARG) (required); --config.KEY=VALUE overrides KEY",
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=argv,
+    )
 
 
-def _init_distributed(args) -> None:
+def command_help(command: str) -> str:
+    fv = flags.FlagValues()
+    define_flags(fv, ["qarjax"])
+    return (
+        f"usage: qarjax {command} --config=FILE[:ARG] --workdir=DIR [flags]\n\n"
+        f"{COMMANDS[command]}\n\n{fv.get_help(include_special_flags=False)}\n"
+        "  --flagfile: read flags from a file, one per line (absl)\n"
+    )
+
+
+def main_help() -> str:
+    lines = [USAGE, "", "Quantization-aware regularization for JAX/Flax NNX.", "", "commands:"]
+    lines += [f"  {name:<9} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "qarjax COMMAND --help lists the flags."]
+    return "\n".join(lines) + "\n"
+
+
+def _flag_error(error: Exception) -> ConfigError:
+    text = " ".join(str(error).split()).removeprefix("ERROR:: ")  # absl's flagfile errors
+    cause = error.__context__
+    if isinstance(error, flags.IllegalFlagValueError) and isinstance(cause, ValueError):
+        if len(cause.args) == 2:  # absl's bool parser: ('Non-boolean argument ...', value)
+            text = f"{text.split(': ', 1)[0]}: {cause.args[0]}"
+    return ConfigError(text or type(error).__name__)
+
+
+def parse_command_line(argv: list[str]) -> Invocation:
+    """`argv` without the program name: COMMAND then flags; raises ConfigError when bad."""
+    from qarjax.config import check_key, load_config
+
+    if not argv:
+        raise ConfigError(f"give a command: {', '.join(COMMANDS)} (qarjax --help)")
+    command, rest = argv[0], ["qarjax", *argv[1:]]
+    if command not in COMMANDS:
+        near = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}{hint}")
+    # First the config file alone (flagfiles expanded), through the one loader with its
+    # one-line refusals, and the override keys against it; then every flag, config_flags
+    # loading the same file and applying the overrides with the keys' types.
+    probe = flags.FlagValues()
+    flags.DEFINE_string("config", None, "", flag_values=probe)
+    try:
+        unparsed = probe(rest, known_only=True)
+    except flags.Error as e:
+        raise _flag_error(e) from None
+    if not probe.config:
+        raise ConfigError("--config=FILE[:ARG] is required")
+    path, colon, arg = probe.config.partition(":")
+    loaded = load_config(path, arg if colon else None)
+    for item in unparsed:
+        match = OVERRIDE.match(item)
+        if match:
+            check_key(loaded, match.group(1))
+    fv = flags.FlagValues()
+    try:
+        define_flags(fv, rest)
+        positional = fv(rest)[1:]
+    except (flags.Error, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise _flag_error(e) from None
+    if positional:
+        raise ConfigError(f"unexpected argument {positional[0]!r}")
+    if not fv.workdir:
+        raise ConfigError("--workdir=DIR is required")
+    if fv.coordinator is not None and (fv.num_processes is None or fv.process_id is None):
+        raise ConfigError("--coordinator needs --num_processes and --process_id")
+    names = ("resume", "overwrite", "artifact", "coordinator", "num_processes", "process_id")
+    return Invocation(command, fv.config, fv.workdir, **{n: fv[n].value for n in names})
+
+
+def _init_distributed(args: Invocation) -> None:
     explicit = args.coordinator is not None
     from_env = "JAX_COORDINATOR_ADDRESS" in os.environ
     if not (explicit or from_env):
@@ -92,11 +160,7 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def run_command(args, overrides: list[str]) -> None:
-    from qarjax.config import load_config
-
-    path, _, arg = args.config.partition(":")
-    config = apply_overrides(load_config(path, arg or None), overrides)
+def run_command(args: Invocation) -> None:
     _init_distributed(args)
     import jax
 
@@ -104,14 +168,14 @@ def run_command(args, overrides: list[str]) -> None:
 
     writes = args.command != "eval" and jax.process_index() == 0
     with workdir_lock(args.workdir) if writes else contextlib.nullcontext():
-        run_in_workdir(args, config)
+        run_in_workdir(args)
 
 
-def run_in_workdir(args, config) -> None:
+def run_in_workdir(args: Invocation) -> None:
     if args.command == "train":
         from qarjax.loop import fit
 
-        result = fit(config, args.workdir, resume=args.resume, overwrite=args.overwrite)
+        result = fit(args.config, args.workdir, resume=args.resume, overwrite=args.overwrite)
         s = result.summary
         print(
             f"done: test accuracy {s['test_accuracy']:.4f}, {s['epochs']} epochs, "
@@ -121,16 +185,20 @@ def run_in_workdir(args, config) -> None:
         return
     from qarjax import pipeline
 
-    pipeline.run_command(args.command, config, args)
+    pipeline.run_command(args.command, args.config, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
-    args = build_parser().parse_args(rest)
+    """The `qarjax` command; returns the exit status (2: bad input, one line on stderr)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["--help"], ["-h"], ["help"]):
+        print(main_help(), end="")
+        return 0
+    if len(argv) > 1 and argv[0] in COMMANDS and ("--help" in argv or "-h" in argv):
+        print(command_help(argv[0]), end="")
+        return 0
     try:
-        run_command(args, overrides)
+        run_command(parse_command_line(argv))
     except QarjaxError as e:  # one line, whatever the message (e.g. a library's) holds
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"qarjax: error: {message}", file=sys.stderr)

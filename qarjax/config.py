@@ -1,18 +1,26 @@
 """The full default config: every key a run reads, with its default.
 
-Config files under configs/ start from `default_config()` and change what they need; the CLI
-overrides any key with ``--config.key=value`` (ml_collections refuses unknown keys and wrong
-types). `load_config` imports a config file by path and calls its ``get_config(arg)``.
+Configs are locked: reading or setting a key that does not exist is an error that suggests
+the closest key (``config.reg.lamda = 0.3`` raises ``Did you mean "lam"``); add a key only
+inside ``with config.unlocked():``. Config files under configs/ start from `default_config()`
+and change what they need; `load_config` loads a config file with ml_collections' config_flags
+(the loader the CLI's ``--config`` uses) and refuses a bad file with one line; the CLI
+overrides any key with ``--config.key=value``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import difflib
+import itertools
+import logging
 from pathlib import Path
 
 import ml_collections
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from qarjax.errors import ConfigError
+
+_LOADS = itertools.count()  # a fresh module name per load: no globals left from another file
 
 
 def default_reg_config() -> ml_collections.ConfigDict:
@@ -60,8 +68,19 @@ def default_quant_config() -> ml_collections.ConfigDict:
     )
 
 
-def default_config() -> ml_collections.ConfigDict:
+def default_augment_config() -> ml_collections.ConfigDict:
+    """Augmentation inside the train step; None: the dataset's default (qarjax.data)."""
     return ml_collections.ConfigDict(
+        dict(
+            crop_padding=ml_collections.config_dict.placeholder(int),  # pixels; 0: no crop
+            flip=ml_collections.config_dict.placeholder(bool),  # random horizontal flip
+        )
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with its default; locked (see the module docstring)."""
+    config = ml_collections.ConfigDict(
         dict(
             model="cnn_small",
             dataset="cifar10_mini",
@@ -84,7 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
             label_smoothing=0.0,
             dropout=-1.0,  # < 0: the model's default
             compute_dtype="float32",
-            augment=True,
+            augment=default_augment_config(),
+            dataset_channels=0,  # image channels: 0 = as the data has them, 1 = gray, 3 = RGB
             scan_steps=-1,  # train steps per jitted call; -1: 50 on accelerators, 1 on CPU
             scan_mode="auto",  # auto: lax.scan on accelerators, unrolled on CPU; scan; unroll
             checkpoint_every=1,
@@ -98,6 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
             quant=default_quant_config(),
         )
     )
+    config.lock()
+    return config
 
 
 def apply_config_arg(config: ml_collections.ConfigDict, arg: str | None):
@@ -113,30 +135,71 @@ def apply_config_arg(config: ml_collections.ConfigDict, arg: str | None):
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its get_config(arg) (or get_config())."""
+    """Loads a config file's ``get_config(arg)`` (``get_config()`` without `arg`), locked.
+
+    The file is loaded by ml_collections' config_flags, as ``--config FILE[:ARG]`` is; a file
+    that is missing, not ``.py``, fails to import, has no get_config, raises in it or returns
+    something other than a ConfigDict is a `ConfigError` of one line.
+    """
+    spec = path if arg is None else f"{path}:{arg}"
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {path}")
     if file.suffix != ".py":
         raise ConfigError(f"config {path} is not a Python file (.py) defining get_config()")
-    spec = importlib.util.spec_from_file_location(f"qarjax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
+    parser = ConfigFileFlagParser(name=f"qarjax_{next(_LOADS)}", lock_config=True)
+    absl_logger = logging.getLogger("absl")  # its warning for a None config is our error below
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
-        spec.loader.exec_module(module)
+        config = parser.parse(spec)
+    except AttributeError as e:
+        if e.name != "get_config":
+            raise ConfigError(f"cannot load config {spec}: {_one_line(e)}") from None
+        raise ConfigError(f"config {path} defines no get_config()") from None
     except Exception as e:
-        raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
-    if not callable(getattr(module, "get_config", None)):
-        raise ConfigError(f"config {path} defines no get_config()")
-    call = f"get_config({arg!r})" if arg is not None else "get_config()"
-    try:
-        config = module.get_config(arg) if arg is not None else module.get_config()
-    except Exception as e:
-        raise ConfigError(f"config {path}: {call} failed: {type(e).__name__}: {e}") from None
+        # config_flags re-raises a TypeError or ValueError with the traceback as its message.
+        wrapped = isinstance(e, TypeError | ValueError) and e.__context__ is not None
+        cause = e.__context__ if wrapped else e
+        raise ConfigError(f"cannot load config {spec}: {_one_line(cause)}") from None
+    finally:
+        absl_logger.setLevel(level)
     if not isinstance(config, ml_collections.ConfigDict):
+        try:
+            getattr(config, "keys", None)  # config_flags defers a load's OSError to here
+        except OSError as e:
+            raise ConfigError(f"cannot load config {spec}: {_one_line(e.__cause__ or e)}") from None
+        except AttributeError:
+            pass
+        call = "get_config()" if arg is None else f"get_config({arg!r})"
         raise ConfigError(
             f"config {path}: {call} returned {type(config).__name__}, not a ConfigDict"
         )
     return config
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every key of `config` as a dotted path ('reg.lam'), sub-configs included."""
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+    """Raises a ConfigError naming the closest existing key unless `key` (dotted) exists."""
+    keys = flat_keys(config)
+    if key not in keys:
+        closest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+        hint = f": the closest key is {closest[0]!r}" if closest else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
 
 
 def check_loop_config(config) -> None:

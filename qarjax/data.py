@@ -4,6 +4,14 @@ A dataset is loaded once into host memory as uint8 NHWC arrays (`Dataset`), then
 accelerator whole; batches are gathered, augmented (random crop with padding, horizontal flip)
 and normalized inside the jitted step, so an epoch needs no host round trips.
 
+Images keep the channels they have (``config.dataset_channels``: 0): a folder of grayscale
+images loads as one channel, any colour image makes it three; 1 or 3 converts (luminance as
+PIL computes it, or the gray channel repeated). Augmentation is ``config.augment``: a key left
+at None takes the dataset's default (`resolve_augmentation`): a random crop after zero padding
+of an eighth of the image side (4 pixels on CIFAR's 32x32) for every dataset, and a random
+horizontal flip for CIFAR-10 only (``cifar10``, ``cifar10_mini``), as an image folder or
+another tfds set may hold digits or text that a mirror changes.
+
 Dataset names:
   - ``cifar10_mini``: the embedded default, a class-balanced subset of real CIFAR-10
     (5,000 train / 1,000 test JPEGs shipped in the package; built by
@@ -31,11 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarjax.errors import DataError
+from qarjax.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes decoded as one channel
+CHANNELS = (0, 1, 3)  # dataset_channels: as the data has them, gray, RGB
+FLIP_BY_DEFAULT = ("cifar10", "cifar10_mini")  # datasets whose mirror images are valid images
 MINI_ARCHIVE = Path(__file__).parent / "assets" / "cifar10_mini.tar.gz"
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"  # v2: grayscale images keep one channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +85,49 @@ class Dataset:
 
 
 def load_dataset(
-    name: str, *, data_dir: str | None = None, cache_dir: str | None = None
+    name: str, *, data_dir: str | None = None, cache_dir: str | None = None, channels: int = 0
 ) -> Dataset:
-    """Loads a dataset by name (see the module docstring for the names)."""
+    """Loads a dataset by name (see the module docstring for the names).
+
+    `channels`: 0 keeps the data's own (gray folders: 1), 1 or 3 converts to that many.
+    """
+    if channels not in CHANNELS or isinstance(channels, bool):
+        raise ConfigError(f"dataset_channels must be one of {CHANNELS}, got {channels!r}")
     if name == "cifar10_mini":
-        return dataclasses.replace(_load_image_folder(MINI_ARCHIVE, cache_dir), name=name)
-    if name.startswith("imagefolder:"):
+        dataset = dataclasses.replace(_load_image_folder(MINI_ARCHIVE, cache_dir), name=name)
+    elif name.startswith("imagefolder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
-        return dataclasses.replace(_load_image_folder(path, cache_dir), name=name)
-    if name == "cifar10" or name.startswith("tfds:"):
-        return _load_tfds(name.removeprefix("tfds:"), data_dir)
-    raise DataError(
-        f"unknown dataset {name!r}: use cifar10_mini, imagefolder:<path>, cifar10 or tfds:<name>"
-    )
+        dataset = dataclasses.replace(_load_image_folder(path, cache_dir), name=name)
+    elif name == "cifar10" or name.startswith("tfds:"):
+        dataset = _load_tfds(name.removeprefix("tfds:"), data_dir)
+    else:
+        raise DataError(
+            f"unknown dataset {name!r}: use cifar10_mini, imagefolder:<path>, cifar10 or "
+            "tfds:<name>"
+        )
+    if channels and dataset.image_shape[-1] != channels:
+        dataset = dataclasses.replace(
+            dataset,
+            train_images=to_channels(dataset.train_images, channels),
+            test_images=to_channels(dataset.test_images, channels),
+        )
+    return dataset
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 NHWC images with 1 or 3 channels -> `channels` channels: RGB to gray is PIL's
+    luminance (L = 0.299 R + 0.587 G + 0.114 B, its fixed-point rounding), gray to RGB
+    repeats the channel."""
+    have = images.shape[-1]
+    if have == channels:
+        return images
+    if (have, channels) == (1, 3):
+        return np.repeat(images, 3, axis=-1)
+    if (have, channels) == (3, 1):
+        rgb = images.astype(np.uint32)
+        gray = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+        return gray.astype(np.uint8)[..., None]
+    raise DataError(f"cannot convert {have}-channel images to {channels} channels")
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -160,6 +201,8 @@ def _decode_splits(path: Path, files: dict[str, bytes]) -> Dataset:
         names = [n for c in class_names for n in by_split[split].get(c, [])]
         labels = [i for i, c in enumerate(class_names) for _ in by_split[split].get(c, [])]
         arrays[split] = (_decode_all(names, files), np.asarray(labels, np.int32))
+    channels = max(images.shape[-1] for images, _ in arrays.values())  # colour anywhere: RGB
+    arrays = {k: (to_channels(images, channels), y) for k, (images, y) in arrays.items()}
     if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
         raise DataError(f"{path}: train and test images differ in size")
     return Dataset(str(path), *arrays["train"], *arrays["test"], class_names)
@@ -178,10 +221,13 @@ def _check_no_empty_class_dirs(path: Path) -> None:
 
 
 def _decode_one(name: str, data: bytes) -> np.ndarray:
+    """(H, W, 1) for a grayscale image, else (H, W, 3) RGB."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.mode in GRAY_MODES:
+                return np.asarray(image.convert("L"), dtype=np.uint8)[..., None]
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
@@ -191,6 +237,8 @@ def _decode_all(names: list[str], files: dict[str, bytes]) -> np.ndarray:
     workers = min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         images = list(pool.map(lambda n: _decode_one(n, files[n]), names, chunksize=256))
+    channels = max(image.shape[-1] for image in images)  # one colour image: all RGB
+    images = [to_channels(image, channels) for image in images]
     shape = images[0].shape
     for name, image in zip(names, images, strict=True):
         if image.shape != shape:
@@ -270,6 +318,53 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
 def normalize(images: jax.Array, mean: jax.Array, std: jax.Array, dtype=jnp.float32) -> jax.Array:
     """uint8 NHWC -> standardized floats of `dtype`."""
     return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """The train step's augmentation, resolved for a dataset (`resolve_augmentation`).
+
+    Attributes:
+      crop_padding: zero padding in pixels before the random crop back to size; 0: no crop.
+      flip: a random horizontal flip per image.
+      origin: where each value came from, for the log ("the config" or the dataset default).
+    """
+
+    crop_padding: int
+    flip: bool
+    origin: tuple[str, str] = ("the config", "the config")
+
+    def describe(self) -> str:
+        crop = (
+            f"random crop after {self.crop_padding}-pixel padding"
+            if self.crop_padding
+            else "no crop"
+        )
+        flip = "random horizontal flip" if self.flip else "no flip"
+        return f"augmentation: {crop} ({self.origin[0]}), {flip} ({self.origin[1]})"
+
+
+def resolve_augmentation(augment_config, dataset: Dataset) -> Augmentation:
+    """`config.augment` for `dataset`: a key left at None takes the dataset's default (see the
+    module docstring); an explicit value always wins. Refuses bad values (ConfigError)."""
+    h, w, _ = dataset.image_shape
+    default = f"{dataset.name}'s default"
+    pad, flip = augment_config.crop_padding, augment_config.flip
+    origin = (
+        "the config" if pad is not None else default,
+        "the config" if flip is not None else default,
+    )
+    pad = min(h, w) // 8 if pad is None else pad
+    flip = dataset.name in FLIP_BY_DEFAULT if flip is None else flip
+    if isinstance(pad, bool) or not isinstance(pad, int | np.integer) or pad < 0:
+        raise ConfigError(f"augment.crop_padding must be an integer >= 0 (0: no crop), got {pad!r}")
+    if pad >= min(h, w):
+        raise ConfigError(
+            f"augment.crop_padding={pad} must be smaller than the {h}x{w} images' side"
+        )
+    if not isinstance(flip, bool | np.bool_):
+        raise ConfigError(f"augment.flip must be True or False, got {flip!r}")
+    return Augmentation(int(pad), bool(flip), origin)
 
 
 def augment(images: jax.Array, key: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:

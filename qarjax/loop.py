@@ -192,10 +192,14 @@ def fit(
     if main_process:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     if trainer is None:
-        dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None)
+        dataset = dataset or load_dataset(
+            config.dataset, data_dir=config.data_dir or None, channels=config.dataset_channels
+        )
         trainer = Trainer(config, dataset)
     else:
         check_trainer_fits(trainer.config, config)
+    if main_process:  # a run's first log line
+        print(trainer.augmentation.describe(), flush=True)
     ks = trainer.reg.ks_for(config.reg) if trainer.reg.active else None
     reg_start = int(config.reg.start_epoch)
     state = trainer.init_state()

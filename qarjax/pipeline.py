@@ -177,7 +177,9 @@ def tune_stage(config, dataset, q: QuantizedModel, trainer=None) -> QuantizedMod
 
 
 def _dataset(config):
-    return load_dataset(config.dataset, data_dir=config.data_dir or None)
+    return load_dataset(
+        config.dataset, data_dir=config.data_dir or None, channels=config.dataset_channels
+    )
 
 
 def _config_dict(config) -> dict:

@@ -144,6 +144,7 @@ class Trainer:
         wanted = config.scan_steps if config.scan_steps > 0 else (50 if self.use_scan else 1)
         self.scan_steps, self.steps_per_epoch = chunking(batches, wanted)
         self.dtype = DTYPES[config.compute_dtype]
+        self.augmentation = data_lib.resolve_augmentation(config.augment, dataset)
 
         model = create_model(
             config.model,
@@ -254,8 +255,9 @@ class Trainer:
         return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
     def _prepare(self, images, data, key=None):
-        if key is not None and self.config.augment:
-            images = data_lib.augment(images, key)
+        if key is not None:
+            aug = self.augmentation
+            images = data_lib.augment(images, key, pad=aug.crop_padding, flip=aug.flip)
         return data_lib.normalize(images, data["mean"], data["std"], self.dtype)
 
     def cross_entropy(self, logits, labels):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,6 +11,8 @@ import time
 
 import pytest
 from helpers import REPO, run_cli, write_image_folder
+
+from qarjax.cli import main, parse_command_line
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -105,3 +108,57 @@ def test_two_processes_match_one(folder, tmp_path):
     assert b["processes"] == 2 and a["processes"] == 1
     assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-6)
     assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def test_help_lists_the_commands_and_a_commands_flags(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n  {command} " in out for command in ("train", "quantize", "tune", "eval", "run"))
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--workdir", "--[no]resume", "--[no]overwrite", "--artifact",
+                 "--coordinator", "--num_processes", "--process_id", "--flagfile"):  # fmt: skip
+        assert flag in out, flag
+
+
+def test_flagfile_holds_a_sweep_point_and_later_flags_win(tmp_path):
+    flagfile = tmp_path / "softmin_k8.flags"
+    flagfile.write_text(
+        "--config=configs/demo.py:softmin\n--workdir=runs/softmin_k8\n--config.reg.k=8\n"
+        "--config.augment.flip=false\n"
+    )
+    got = parse_command_line(["run", f"--flagfile={flagfile}", "--config.reg.lam=0.5"])
+    assert (got.command, got.workdir, got.resume, got.artifact) == (
+        "run", "runs/softmin_k8", False, None
+    )  # fmt: skip
+    c = got.config
+    assert (c.reg.family, c.reg.k, c.reg.lam, c.augment.flip) == ("softmin", 8, 0.5, False)
+    assert c.augment.crop_padding is None and c.is_locked
+    again = parse_command_line(["run", f"--flagfile={flagfile}", "--config.reg.k=16", "--resume"])
+    assert again.config.reg.k == 16 and again.resume
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give a command: train, quantize, tune, eval, run"),
+        (["trian"], "unknown command 'trian': .* \\(did you mean 'train'\\?\\)"),
+        (["train", "--workdir=w"], r"--config=FILE\[:ARG\] is required"),
+        (["train", "--config=configs/demo.py"], "--workdir=DIR is required"),
+        (["train", "--config=configs/demo.py", "--workdir=w", "--config.reg.lamda=1"],
+         "unknown config key 'reg.lamda': the closest key is 'reg.lam'"),
+        (["train", "--config=configs/demo.py", "--workdir=w", "--bogus=1"],
+         "Unknown command line flag 'bogus'"),
+        (["train", "--config=configs/demo.py", "--workdir=w", "stray"],
+         "unexpected argument 'stray'"),
+        (["train", "--config=configs/demo.py", "--workdir=w", "--coordinator=h:1"],
+         "--coordinator needs --num_processes and --process_id"),
+    ],
+)  # fmt: skip
+def test_refusals_before_any_work_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(f"qarjax: error: {message}.*", err[0]), err

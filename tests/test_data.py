@@ -1,15 +1,21 @@
 """Dataset loading (image folders, archives, the embedded set), caching, and augmentation."""
 
+import dataclasses
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_dataset
 from helpers import tar_folder, write_image_folder
+from PIL import Image
 
 from qarjax import data
-from qarjax.errors import DataError
+from qarjax.config import default_augment_config
+from qarjax.errors import ConfigError, DataError
+from qarjax.loop import fit
 
 
 def test_image_folder_and_its_archive_load_the_same(tmp_path):
@@ -111,3 +117,123 @@ def test_normalize_standardizes():
     x = jnp.full((2, 4, 4, 3), 128, jnp.uint8)
     out = data.normalize(x, jnp.array([128.0, 100.0, 0.0]), jnp.array([1.0, 2.0, 128.0]))
     np.testing.assert_allclose(out[0, 0, 0], [0.0, 14.0, 1.0])
+
+
+def test_augment_without_flip_only_crops():
+    """flip=False: every output is a crop of its zero-padded source, never a mirrored one
+    (the sources are asymmetric, so a mirror would show)."""
+    images = jnp.asarray(np.random.default_rng(0).integers(1, 256, (16, 8, 8, 1)), jnp.uint8)
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+
+    def crops(src):
+        return [src[y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+
+    moved = 0
+    for seed in range(4):
+        out = np.asarray(data.augment(images, jax.random.key(seed), pad=2, flip=False))
+        for got, src in zip(out, padded, strict=True):
+            assert any(np.array_equal(got, c) for c in crops(src))
+            assert not any(np.array_equal(got, c) for c in crops(src[:, ::-1]))
+            moved += not np.array_equal(got, src[2:10, 2:10])
+    assert moved > 32  # the crops do move
+
+
+def _dataset(name, size=16):
+    return dataclasses.replace(make_dataset(n_train=8, n_test=4, size=size), name=name)
+
+
+@pytest.mark.parametrize(
+    "name, crop, flip, expected",
+    [
+        ("cifar10_mini", None, None, (2, True)),  # an eighth of the side: 4 on 32x32
+        ("cifar10", None, None, (2, True)),
+        ("imagefolder:/x", None, None, (2, False)),  # a folder is not flipped unless asked
+        ("tfds:mnist", None, None, (2, False)),
+        ("imagefolder:/x", None, True, (2, True)),  # an explicit key beats the default
+        ("cifar10_mini", 0, False, (0, False)),
+        ("cifar10_mini", 5, None, (5, True)),
+    ],
+)
+def test_augmentation_defaults_per_dataset_and_explicit_keys_win(name, crop, flip, expected):
+    cfg = default_augment_config()
+    cfg.crop_padding, cfg.flip = crop, flip
+    got = data.resolve_augmentation(cfg, _dataset(name))
+    assert (got.crop_padding, got.flip) == expected
+    origin = [f"{name}'s default" if v is None else "the config" for v in (crop, flip)]
+    assert got.origin == tuple(origin)
+
+
+def test_cifar_size_default_is_four_pixels():
+    got = data.resolve_augmentation(default_augment_config(), _dataset("cifar10_mini", 32))
+    assert (got.crop_padding, got.flip) == (4, True)
+
+
+@pytest.mark.parametrize(
+    "crop, flip, message",
+    [
+        (-1, True, r"augment.crop_padding must be an integer >= 0 \(0: no crop\), got -1"),
+        (16, True, r"augment.crop_padding=16 must be smaller than the 16x16 images' side"),
+        (2.5, True, r"augment.crop_padding must be an integer >= 0"),
+        (2, 1, r"augment.flip must be True or False, got 1"),
+        (2, "yes", r"augment.flip must be True or False, got 'yes'"),
+    ],
+)
+def test_bad_augmentation_values_are_refused(crop, flip, message):
+    with pytest.raises(ConfigError, match=message):
+        data.resolve_augmentation(SimpleNamespace(crop_padding=crop, flip=flip), _dataset("x"))
+
+
+def test_locked_augment_config_refuses_wrong_types():
+    cfg = default_augment_config()
+    with pytest.raises(TypeError):
+        cfg.flip = 1
+    with pytest.raises(TypeError):
+        cfg.crop_padding = "4"
+
+
+def test_rgb_to_gray_is_pils_luminance():
+    rgb = np.random.default_rng(1).integers(0, 256, (2, 7, 5, 3), dtype=np.uint8)
+    want = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in rgb])[..., None]
+    np.testing.assert_array_equal(data.to_channels(rgb, 1), want)
+    np.testing.assert_array_equal(data.to_channels(want, 3), np.repeat(want, 3, axis=-1))
+
+
+def _gray_folder(root, rgb_too=False):
+    folder = write_image_folder(root, per_class=(8, 2), classes=2)
+    for path in sorted(folder.rglob("*.png")):
+        Image.open(path).convert("L").save(path)
+    if rgb_too:  # one colour image makes the whole set RGB
+        Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / "test" / "class0" / "999.png")
+    return folder
+
+
+def test_grayscale_folder_keeps_one_channel_unless_asked(tmp_path):
+    gray = _gray_folder(tmp_path / "gray")
+    d = data.load_dataset(f"imagefolder:{gray}")
+    assert d.image_shape == (16, 16, 1) and d.channel_mean.shape == (1,)
+    as_rgb = data.load_dataset(f"imagefolder:{gray}", channels=3)
+    np.testing.assert_array_equal(as_rgb.train_images, np.repeat(d.train_images, 3, axis=-1))
+    mixed = data.load_dataset(f"imagefolder:{_gray_folder(tmp_path / 'mixed', True)}")
+    assert mixed.image_shape == (16, 16, 3)
+    np.testing.assert_array_equal(mixed.train_images[..., :1], d.train_images)
+    assert data.load_dataset("cifar10_mini", channels=1).image_shape == (32, 32, 1)
+    with pytest.raises(ConfigError, match=r"dataset_channels must be one of \(0, 1, 3\), got 2"):
+        data.load_dataset(f"imagefolder:{gray}", channels=2)
+
+
+def test_grayscale_folder_trains_with_one_channel_and_logs_its_augmentation(
+    tiny_config, tmp_path, capsys
+):
+    tiny_config.dataset = f"imagefolder:{_gray_folder(tmp_path / 'gray')}"
+    tiny_config.num_epochs, tiny_config.batch_size, tiny_config.eval_batch_size = 1, 8, 8
+    tiny_config.augment.flip = True
+    result = fit(tiny_config, tmp_path / "run")
+    assert result.state.params["conv1"]["conv"]["kernel"].shape[2] == 1  # in-channels: the data's
+    assert result.trainer.augmentation == data.Augmentation(
+        2, True, (f"{tiny_config.dataset}'s default", "the config")
+    )
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (
+        f"augmentation: random crop after 2-pixel padding ({tiny_config.dataset}'s default), "
+        "random horizontal flip (the config)"
+    )
