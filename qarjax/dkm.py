@@ -12,9 +12,10 @@ run until no centroid moves by more than eps * (max w - min w), or max_iter step
 gradient flows through every step to the weights. After training the assignment is hard:
 argmax_j A_ij, the nearest centroid.
 
-Distance: d = |w - c| by default (the paper's f = -|w - c|); ``distance="squared"`` uses
-(w - c)^2, as coremltools' palettization does (`torch.cdist(...).square()`). tau is in the
-units of d: weight units for "abs", squared weight units for "squared".
+Distance: d = |w - c| by default (the paper's negative Euclidean distance, in one dimension;
+our reading); ``distance="squared"`` uses (w - c)^2, as coremltools' palettization does
+(`torch.cdist(...).square()`). tau is in the units of d: weight units for "abs", squared
+weight units for "squared".
 
 Padding: the layer machinery pads each layer's centroids to k_max with a boolean mask
 (index < K), so one compiled step serves every K <= k_max. A masked centroid gets zero
