@@ -10,6 +10,8 @@ from qarjax.errors import ConfigError
 from qarjax.kmeans import kmeans_1d, within_cluster_error
 
 FQ = jax.jit(lsq.fake_quantize)  # K traced: one compilation per shape for every K
+HQ = jax.jit(lsq.hard_quantize)
+INDICES = jax.jit(lsq.indices)
 
 
 @jax.jit
@@ -121,24 +123,16 @@ def test_dkm_gradient_is_finite_nonzero_flows_through_the_steps_and_matches_diff
     mask = dkm.centroid_mask(4, 6)
     u = jnp.asarray(np.random.default_rng(4).normal(size=w.shape), jnp.float32)
 
-    def loss(w, c, through=True, remat=False):
+    def loss(w, c, remat=True):
         cents, _ = dkm.solve_centroids(w, c, mask, tau=0.01, max_iter=3, eps=0.0, remat=remat)
-        if not through:
-            cents = jax.lax.stop_gradient(cents)
         return jnp.sum(u.astype(w.dtype) * dkm.reconstruct(w, cents, mask, tau=0.01))
 
-    grads = jax.jit(
-        lambda w: [
-            jax.grad(loss)(w, c),
-            jax.grad(loss)(w, c, False),
-            jax.grad(loss)(w, c, True, True),
-        ]
-    )
-    g, g_fixed, g_remat = grads(w)
+    g, g_plain = jax.jit(lambda w: [jax.grad(loss)(w, c), jax.grad(loss)(w, c, False)])(w)
     assert g.shape == w.shape and np.all(np.isfinite(g))
     assert np.mean(np.asarray(g) != 0) > 0.9
-    assert np.max(np.abs(g - g_fixed)) > 1e-3 * np.max(np.abs(g))  # the steps contribute
-    np.testing.assert_allclose(g_remat, g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g, g_plain, rtol=1e-5, atol=1e-7)
+    # Central differences see the centroids move with the weights: they match only if the
+    # gradient flows through the soft k-means steps.
     with jax.enable_x64(True):  # directional derivatives against central differences
         w64, c64 = jnp.asarray(w, jnp.float64), jnp.asarray(c, jnp.float64)
         f = jax.jit(jax.value_and_grad(lambda w: loss(w, c64)))
@@ -216,8 +210,8 @@ def test_lsq_forward_has_k_levels_on_the_grid(k):
     grid = np.asarray(lsq.grid(s, k))
     assert values.size <= k and set(values) <= set(grid)
     assert values.size == k  # the clipped init reaches every level
-    np.testing.assert_array_equal(out, lsq.hard_quantize(w, s, k))
-    idx = lsq.indices(w, s, k)
+    np.testing.assert_array_equal(out, HQ(w, s, k))
+    idx = INDICES(w, s, k)
     assert idx.dtype == jnp.int32 and 0 <= int(idx.min()) and int(idx.max()) < k
     np.testing.assert_array_equal(grid[np.asarray(idx)], out)
     q_n, q_p, o = paper_levels(k)
