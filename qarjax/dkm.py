@@ -124,14 +124,16 @@ def soft_kmeans_step(
 ) -> jax.Array:
     """One soft k-means step: c_j <- sum_i A_ij w_i / sum_i A_ij with A = `attention`.
 
-    A centroid whose attention mass underflows to 0 (or a masked one) keeps its value.
+    A centroid whose attention mass sum_i A_ij is below the dtype's epsilon (a dead
+    centroid, far from every weight), or a masked one, keeps its value and passes no
+    gradient: dividing by a mass near float32's underflow gave NaN gradients.
     Returns the (K,) new centroids in w's dtype.
     """
     w = jnp.ravel(w)
     a = attention(w, centroids, mask, tau=tau, distance=distance)
     mass = jnp.sum(a, axis=0)
     total = w @ a
-    ok = mass > 0
+    ok = mass > jnp.finfo(w.dtype).eps
     if mask is not None:
         ok = ok & mask
     c = centroids.astype(w.dtype)

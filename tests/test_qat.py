@@ -145,6 +145,22 @@ def test_dkm_gradient_is_finite_nonzero_flows_through_the_steps_and_matches_diff
             np.testing.assert_allclose(np.sum(g64 * v), numeric, rtol=1e-6)
 
 
+def test_dkm_a_dead_centroid_stays_put_and_keeps_gradients_finite():
+    @jax.jit
+    def grad_and_centroids(w, c):
+        def loss(w):
+            out, new, _ = dkm.soft_quantize(w, c, tau=0.01, eps=0.0)
+            return jnp.sum(out**2), new
+
+        return jax.grad(loss, has_aux=True)(w)
+
+    w = jnp.asarray(np.random.default_rng(8).normal(0, 0.05, 1000), jnp.float32)
+    for far in (0.9, 3.0):  # attention mass about 1e-28 (NaN gradients before), and 0
+        g, new = grad_and_centroids(w, jnp.asarray([-0.05, 0.0, 0.05, far], jnp.float32))
+        assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 0
+        assert float(new[3]) == np.float32(far)
+
+
 def test_dkm_compiles_once_for_every_k_under_the_same_k_max():
     traces = []
 
