@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, help="the run's folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     parser.add_argument("--overwrite", action="store_true", help="replace a run in --workdir")
-    parser.add_argument("--artifact", help="eval: a compressed model file instead of the workdir")
+    parser.add_argument(
+        "--artifact",
+        help="eval: a compressed model (.safetensors) file instead of the workdir's",
+    )
     parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
     parser.add_argument("--num_processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process_id", type=int, help="multi-host: this process's index")

@@ -2,10 +2,12 @@
 call one by one and the CLI runs as ``qarjax quantize|tune|eval|run``.
 
 Files a run leaves in its workdir (besides the training files of qarjax.loop):
-  quantized.qarjax, quantize.json   after `quantize` (pre-tuning, with and without the
-                                    batch-norm re-estimate)
-  tuned.qarjax, tune.json           after `tune`
-  report.json, report.md, weights.png   after `run`
+  quantized.safetensors, quantize.json   after `quantize` (pre-tuning, with and without
+                                         the batch-norm re-estimate)
+  tuned.safetensors, tune.json           after `tune`
+  report.json, report.md, weights.png    after `run`
+The model files are qarjax.compress's format (safetensors); the format-1 `.qarjax` files of
+earlier versions are refused with a line saying to re-run `quantize` and `tune`.
 """
 
 from __future__ import annotations
@@ -211,9 +213,12 @@ def check_fits_model(trainer: Trainer, params, batch_stats) -> None:
             )
 
 
-def evaluate_artifact(config, params, batch_stats, dataset) -> dict:
-    """Test loss and accuracy of a compressed model's params under `config`'s model."""
-    trainer = Trainer(tuning_config(config), dataset)
+def evaluate_artifact(config, params, batch_stats, dataset, trainer=None) -> dict:
+    """Test loss and accuracy of a compressed model's params under `config`'s model.
+
+    `trainer`: a Trainer of `config`'s model and `dataset` to reuse (its eval compiles once).
+    """
+    trainer = trainer or Trainer(tuning_config(config), dataset)
     check_fits_model(trainer, params, batch_stats)
     state = trainer.init_state(params=params, batch_stats=batch_stats)
     return trainer.evaluate(state)
@@ -240,13 +245,14 @@ def run_pipeline(
     q = quantize_stage(fit_result.trainer, fit_result.state, config)
     made_from = {"trained_steps": q["trained_steps"]}
     _save(
-        workdir / "quantized.qarjax", config, q["params"], q["batch_stats"], q["quantized"],
+        workdir / "quantized.safetensors", config, q["params"], q["batch_stats"], q["quantized"],
         made_from,
     )  # fmt: skip
     t = tune_stage(config, dataset, q["params"], q["batch_stats"], q["quantized"])
     file_bytes = _save(
-        workdir / "tuned.qarjax", config, t["params"], t["batch_stats"], t["quantized"], made_from
-    )
+        workdir / "tuned.safetensors", config, t["params"], t["batch_stats"], t["quantized"],
+        made_from,
+    )  # fmt: skip
     sizes = compress.size_report(jax.device_get(t["params"]), t["quantized"], file_bytes)
     report = {
         "model": config.model,
@@ -303,10 +309,10 @@ def run_command(command: str, config, args) -> None:
     if command in ("quantize", "tune"):
         check_writable(workdir)
     if command in ("tune", "eval"):  # a bad model file is refused before the data loads
-        default = "quantized.qarjax" if command == "tune" else "tuned.qarjax"
+        default = "quantized.safetensors" if command == "tune" else "tuned.safetensors"
         source = Path(args.artifact) if args.artifact else workdir / default
         if command == "eval" and not args.artifact and not source.exists():
-            source = workdir / "quantized.qarjax"
+            source = workdir / "quantized.safetensors"
         artifact = compress.load(source)
         _check_matches(artifact, config, source, None if args.artifact else workdir)
     dataset = _dataset(config)
@@ -314,12 +320,12 @@ def run_command(command: str, config, args) -> None:
         trainer, state = _restore_trained(config, workdir, dataset)
         q = quantize_stage(trainer, state, config)
         info = {k: v for k, v in q.items() if k not in ("quantized", "params", "batch_stats")}
-        _write_stage(workdir, "quantized.qarjax", "quantize.json", config, q, info)
+        _write_stage(workdir, "quantized.safetensors", "quantize.json", config, q, info)
     elif command == "tune":
         t = tune_stage(config, dataset, artifact.params(), artifact.batch_stats, artifact.layers)
         info = {k: t[k] for k in ("pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")}
         info["trained_steps"] = artifact.metadata.get("trained_steps")
-        _write_stage(workdir, "tuned.qarjax", "tune.json", config, t, info)
+        _write_stage(workdir, "tuned.safetensors", "tune.json", config, t, info)
     elif command == "eval":
         params = artifact.params()
         result = evaluate_artifact(config, params, artifact.batch_stats, dataset)
