@@ -303,12 +303,15 @@ def _check_metadata(meta, fail) -> tuple[dict, dict]:
     """(metadata with config/metrics parsed, {layer name: {k, bits, shape}}), all checked."""
     if not isinstance(meta, dict):
         fail("the header has no __metadata__ object: not a qarjax compressed model")
+    if meta.get("format") != FORMAT:
+        fail(
+            f"__metadata__ format is {_show(meta.get('format'))}, not {FORMAT!r}: "
+            "not a qarjax compressed model"
+        )
     _check_keys(meta, METADATA_KEYS, "__metadata__", fail)
     for key, value in meta.items():
         if not isinstance(value, str):
             fail(f"__metadata__ value {key} is a JSON {type(value).__name__}, not a string")
-    if meta["format"] != FORMAT:
-        fail(f"__metadata__ format is {_show(meta['format'])}, not {FORMAT!r}")
     if meta["format_version"] != VERSION:
         fail(f"format version {_show(meta['format_version'])}: this qarjax reads version {VERSION}")
     sha = meta["sha256"]

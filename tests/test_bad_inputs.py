@@ -137,7 +137,7 @@ ROWS = [
     Row("model file", "not a model file", EVAL, r"not a qarjax compressed model: its header length",
         command="eval", extra={"model": b"hello world, this is not a model" * 4}),
     Row("model file", "old-format .qarjax file", EVAL,
-        r"old-format \(.qarjax, format 1\) model file: re-run `qarjax quantize` and `qarjax tune`",
+        r"old-format \(.qarjax, format 1\) model file: re-run .qarjax quantize. and .qarjax tune.",
         command="eval", extra={"model": b"QARJAX\x00\x01" + bytes(64)}),
     Row("model file", "altered byte", EVAL, r"checksum mismatch", command="eval",
         extra={"model": "flip"}),

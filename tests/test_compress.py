@@ -4,6 +4,7 @@ import hashlib
 import json
 import struct
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,28 @@ def test_list_keys_round_trip(tmp_path):
     for bad in ({"a/b": np.ones(2)}, {"7": np.ones(2)}, {"": np.ones(2)}):
         with pytest.raises(ValueError, match="cannot be stored"):
             compress.save(path, config={}, params=bad, batch_stats={}, layers={})
+
+
+def test_the_readme_recipe_rebuilds_a_layer(tmp_path, monkeypatch):
+    """The README's safetensors-and-numpy example, run as written on a saved model."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = readme.split("safetensors and numpy alone:\n\n```python\n", 1)[1].split("```")[0]
+    params, stats, layers = _model_parts()
+    compress.save(tmp_path / "tuned.safetensors", config={}, params=params, batch_stats=stats,
+                  layers=layers)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(recipe, scope)
+    np.testing.assert_array_equal(scope["w"], np.asarray(params["conv1"]["conv"]["kernel"]))
+
+
+def test_another_programs_safetensors_file_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "hf.safetensors"
+    save_file({"w": np.ones((2, 2), np.float32)}, path, metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match="format is 'pt', not .*not a qarjax compressed model"):
+        compress.load(path)
+    save_file({"w": np.ones((2, 2), np.float32)}, path)
+    with pytest.raises(ArtifactError, match="no __metadata__ object: not a qarjax"):
+        compress.load(path)
