@@ -40,6 +40,7 @@ import heapq
 import json
 import math
 import os
+import re
 import stat
 import struct
 from pathlib import Path
@@ -66,6 +67,8 @@ TENSOR_KEYS = ("data_offsets", "dtype", "shape")
 MAX_RANK = 8
 MAX_HEADER_BYTES = 64 << 20
 _SHA_TOKEN = b'"sha256":"%s"'
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{[]', re.DOTALL)  # a string, { or [
+BYTES_PER_CONTAINER = 16  # a model file's header spends >= 19 bytes per JSON object or list
 
 
 def bits_for(k: int) -> int:
@@ -269,6 +272,8 @@ def _read(path: Path, f, size: int) -> Artifact:
     raw = f.read(n)
     if len(raw) != n:
         fail("the file is shorter than its header length says")
+    if _containers(raw, limit=2 + n // BYTES_PER_CONTAINER):  # each parses to ~60+ bytes
+        fail("the header holds more JSON objects and lists than a model file's could")
     header = _parse_json(raw, "header", fail)
     del raw
     if not isinstance(header, dict):
@@ -285,6 +290,18 @@ def _read(path: Path, f, size: int) -> Artifact:
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         fail("truncated or altered: checksum mismatch")
     return _build(entries, layer_info, meta, memoryview(data), fail)
+
+
+def _containers(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text `raw` opens more than `limit` objects and lists (strings skipped;
+    O(1) memory, stops at the limit)."""
+    count = 0
+    for m in _JSON_TOKEN.finditer(raw):
+        if m.end() - m.start() == 1 and raw[m.start()] != 0x22:
+            count += 1
+            if count > limit:
+                return True
+    return False
 
 
 def _parse_json(raw: bytes | str, what: str, fail):
