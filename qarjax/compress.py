@@ -18,14 +18,17 @@ Metadata (``__metadata__``, str -> str)::
     config           the run's config, JSON
     layers           JSON {layer: {"k": K, "bits": bits, "shape": [...]}}
     metrics          JSON object: the saving stage's facts (`save(metadata=...)`)
-    sha256           hex SHA-256 of the tensor bytes (everything after the header)
+    sha256           hex SHA-256 of the tensor bytes (everything after the header; the
+                     header itself is checked field by field, not checksummed)
 
 `load` reads the header (bounded by the file's size), parses it itself and checks every field
 before anything is allocated from it: JSON with no duplicate keys, no missing or unknown keys,
 dtypes, shapes, byte ranges that tile the data exactly, bits in [1, 16], 2 <= K <= 2**bits,
 then the checksum, finite values and indices < K. Anything else is refused with one
-ArtifactError line. Its memory is the file's bytes, a copy of the floats, and the indices
-unpacked to uint8/uint16 (at most 8 bytes per packed byte).
+ArtifactError line. Its memory: parsing the header, at most ~15x the header's bytes (a header
+opening more JSON objects and lists than one per 16 bytes is refused unparsed); then the
+file's bytes, a copy of the floats, and the indices unpacked to uint8/uint16 (at most 8 bytes
+per packed byte).
 
 Sizes reported (`size_report`): bytes on disk, the compression ratio against float32 as
 regularizers.md defines it, and the entropy-coded size of the indices (Huffman code lengths
@@ -69,6 +72,7 @@ MAX_HEADER_BYTES = 64 << 20
 _SHA_TOKEN = b'"sha256":"%s"'
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{[]', re.DOTALL)  # a string, { or [
 BYTES_PER_CONTAINER = 16  # a model file's header spends >= 19 bytes per JSON object or list
+_REMAKE = "re-run `qarjax quantize` and `qarjax tune` on the workdir to write it as .safetensors"
 
 
 def bits_for(k: int) -> int:
@@ -249,9 +253,6 @@ def load(path: str | Path) -> Artifact:
             return _read(path, f, info.st_size)
     except OSError as e:
         raise ArtifactError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
-
-
-_REMAKE = "re-run `qarjax quantize` and `qarjax tune` on the workdir to write it as .safetensors"
 
 
 def _read(path: Path, f, size: int) -> Artifact:
