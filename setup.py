@@ -17,6 +17,7 @@ setup(
         "absl-py>=2.1",
         "orbax-checkpoint>=0.11,<0.13",
         "numpy>=1.26",
+        "safetensors>=0.4",
         "pillow>=10",
         "matplotlib>=3.8",
         "tqdm>=4.66",

@@ -28,8 +28,8 @@ from qarjax.errors import ConfigError, QarjaxError
 
 COMMANDS = {
     "train": "train the config in --workdir (checkpoints, metrics, summary.json)",
-    "quantize": "quantize a trained run: quantized.qarjax + quantize.json",
-    "tune": "tune the quantized model's codebooks: tuned.qarjax + tune.json",
+    "quantize": "quantize a trained run: quantized.safetensors + quantize.json",
+    "tune": "tune the quantized model's codebooks: tuned.safetensors + tune.json",
     "eval": "evaluate the workdir's (or --artifact's) compressed model",
     "run": "train -> quantize -> tune -> report, in one go",
 }
@@ -58,7 +58,10 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_boolean("resume", False, "continue the run in --workdir", flag_values=fv)
     flags.DEFINE_boolean("overwrite", False, "replace a run in --workdir", flag_values=fv)
     flags.DEFINE_string(
-        "artifact", None, "eval: a compressed model file instead of the workdir's", flag_values=fv
+        "artifact",
+        None,
+        "eval: a compressed model (.safetensors) file instead of the workdir's",
+        flag_values=fv,
     )
     flags.DEFINE_string("coordinator", None, "multi-host: coordinator HOST:PORT", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes", flag_values=fv)

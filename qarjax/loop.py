@@ -34,13 +34,15 @@ RUN_MARKERS = ("metrics.jsonl", "checkpoints", "summary.json", "config.json")
 # so no stage reads a file of the run it replaced.
 RUN_OUTPUTS = RUN_MARKERS + (
     "tensorboard",
-    "quantized.qarjax",
+    "quantized.safetensors",
     "quantize.json",
-    "tuned.qarjax",
+    "tuned.safetensors",
     "tune.json",
     "report.json",
     "report.md",
     "weights.png",
+    "quantized.qarjax",  # the format-1 model files of runs made before the .safetensors ones
+    "tuned.qarjax",
 )
 # Keys a caller's Trainer may differ in from fit's config: K (data in the compiled step) and
 # what only the loop reads. Any other difference would silently train the trainer's config.

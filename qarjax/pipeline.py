@@ -2,10 +2,12 @@
 call one by one and the CLI runs as ``qarjax quantize|tune|eval|run``.
 
 Files a run leaves in its workdir (besides the training files of qarjax.loop):
-  quantized.qarjax, quantize.json   after `quantize` (pre-tuning, with and without the
-                                    batch-norm re-estimate)
-  tuned.qarjax, tune.json           after `tune`
-  report.json, report.md, weights.png   after `run`
+  quantized.safetensors, quantize.json   after `quantize` (pre-tuning, with and without
+                                         the batch-norm re-estimate)
+  tuned.safetensors, tune.json           after `tune`
+  report.json, report.md, weights.png    after `run`
+The model files are qarjax.compress's format (safetensors); the format-1 `.qarjax` files of
+earlier versions are refused with a line saying to re-run `quantize` and `tune`.
 """
 
 from __future__ import annotations
@@ -223,9 +225,12 @@ def check_fits_model(trainer: Trainer, q: QuantizedModel) -> None:
     )
 
 
-def evaluate_artifact(config, q: QuantizedModel, dataset) -> dict:
-    """Test loss and accuracy of a quantized model under `config`'s model."""
-    trainer = Trainer(tuning_config(config), dataset)
+def evaluate_artifact(config, q: QuantizedModel, dataset, trainer=None) -> dict:
+    """Test loss and accuracy of a quantized model under `config`'s model.
+
+    `trainer`: a Trainer of `config`'s model and `dataset` to reuse (its eval compiles once).
+    """
+    trainer = trainer or Trainer(tuning_config(config), dataset)
     check_fits_model(trainer, q)
     state = trainer.init_state(params=q.params, batch_stats=q.batch_stats)
     return trainer.evaluate(state)
@@ -250,9 +255,9 @@ def run_pipeline(
         fit_result = fit(config, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
     train_seconds = time.perf_counter() - began
     q = quantize_stage(fit_result.trainer, fit_result.state, config)
-    compress.save_model(workdir / "quantized.qarjax", q)
+    compress.save_model(workdir / "quantized.safetensors", q)
     t = tune_stage(config, dataset, q)
-    file_bytes = compress.save_model(workdir / "tuned.qarjax", t)
+    file_bytes = compress.save_model(workdir / "tuned.safetensors", t)
     sizes = compress.size_report(jax.device_get(t.params), t.layers, file_bytes)
     m = t.metadata
     report = {
@@ -303,20 +308,20 @@ def run_command(command: str, config, args) -> None:
     if command in ("quantize", "tune"):
         check_writable(workdir)
     if command in ("tune", "eval"):  # a bad model file is refused before the data loads
-        default = "quantized.qarjax" if command == "tune" else "tuned.qarjax"
+        default = "quantized.safetensors" if command == "tune" else "tuned.safetensors"
         source = Path(args.artifact) if args.artifact else workdir / default
         if command == "eval" and not args.artifact and not source.exists():
-            source = workdir / "quantized.qarjax"
+            source = workdir / "quantized.safetensors"
         loaded = compress.load_model(source)
         _check_matches(loaded, config, source, None if args.artifact else workdir)
     dataset = _dataset(config)
     if command == "quantize":
         trainer, state = _restore_trained(config, workdir, dataset)
         q = quantize_stage(trainer, state, config)
-        _write_stage(workdir, "quantized.qarjax", "quantize.json", q, QUANTIZE_FACTS)
+        _write_stage(workdir, "quantized.safetensors", "quantize.json", q, QUANTIZE_FACTS)
     elif command == "tune":
         t = tune_stage(config, dataset, loaded)
-        _write_stage(workdir, "tuned.qarjax", "tune.json", t, TUNE_FACTS)
+        _write_stage(workdir, "tuned.safetensors", "tune.json", t, TUNE_FACTS)
     elif command == "eval":
         result = evaluate_artifact(config, loaded, dataset)
         sizes = compress.size_report(loaded.params, loaded.layers, source.stat().st_size)

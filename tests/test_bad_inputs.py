@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
-import hashlib
 import json
 import re
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import model_files
 import pytest
 from helpers import REPO, run_cli, tar_folder, write_image_folder
 
@@ -42,7 +41,7 @@ TRAIN = ("--config", "configs/demo.py", "--workdir", "{tmp}/w", "--config.datase
          "--config.batch_size=16", "--config.num_epochs=2", "--config.reg.start_epoch=1",
          "--config.tensorboard=False")  # fmt: skip
 EVAL = ("--config", "configs/demo.py", "--workdir", "{run}", "--config.dataset={data}",
-        "--config.batch_size=16", "--artifact", "{tmp}/model.qarjax")  # fmt: skip
+        "--config.batch_size=16", "--artifact", "{tmp}/model.safetensors")  # fmt: skip
 
 ROWS = [
     # ---- config: the file and its ARG
@@ -148,48 +147,40 @@ ROWS = [
     Row("runs", "second process on the same workdir", ("--config", "configs/demo.py",
         "--workdir", "{tmp}/locked", "--resume"), r"is in use by another qarjax process",
         extra={"lock": True}),
-    # ---- model files
+    # ---- model files (tests/test_model_file_fuzz.py sends thousands more through the loader)
     Row("model file", "model file missing", EVAL, r"compressed model not found",
         command="eval", extra={"model": None}),
-    Row("model file", "not a model file", EVAL, r"not a qarjax compressed model",
+    Row("model file", "not a model file", EVAL, r"not a qarjax compressed model: its header length",
         command="eval", extra={"model": b"hello world, this is not a model" * 4}),
+    Row("model file", "old-format .qarjax file", EVAL,
+        r"old-format \(.qarjax, format 1\) model file: re-run .qarjax quantize. and .qarjax tune.",
+        command="eval", extra={"model": b"QARJAX\x00\x01" + bytes(64)}),
     Row("model file", "altered byte", EVAL, r"checksum mismatch", command="eval",
         extra={"model": "flip"}),
-    Row("model file", "truncated", EVAL, r"checksum mismatch|not a qarjax", command="eval",
+    Row("model file", "truncated", EVAL, r"outside the \d+ data bytes", command="eval",
         extra={"model": "truncate"}),
+    Row("model file", "bytes appended", EVAL, r"5 bytes after the last tensor", command="eval",
+        extra={"model": "append"}),
     Row("model file", "header that is a list", EVAL, r"the header is a JSON list",
         command="eval", extra={"model": ("header", [])}),
-    Row("model file", "header that is an int", EVAL, r"the header is a JSON int",
-        command="eval", extra={"model": ("header", 7)}),
-    Row("model file", "header without entries", EVAL, r"the header lacks entries",
-        command="eval", extra={"model": ("drop", "entries")}),
-    Row("model file", "header without metadata", EVAL, r"the header lacks metadata",
-        command="eval", extra={"model": ("drop", "metadata")}),
-    Row("model file", "deeply nested header", EVAL, r"corrupt header: RecursionError",
+    Row("model file", "deeply nested header", EVAL, r"more JSON objects and lists than a model",
         command="eval", extra={"model": ("raw", b"[" * 100000 + b"]" * 100000)}),
-    Row("model file", "entry without kind", EVAL, r"entry 0 lacks kind", command="eval",
-        extra={"model": ("entry", 0, "kind", None)}),
-    Row("model file", "string shape", EVAL, r"has a bad shape", command="eval",
-        extra={"model": ("entry", 2, "shape", "big")}),
-    Row("model file", "huge shape", EVAL, r"runs past the payload|bytes do not hold",
-        command="eval", extra={"model": ("entry", 1, "shape", [1000000, 1000000])}),
-    Row("model file", "negative shape", EVAL, r"has a bad shape", command="eval",
-        extra={"model": ("entry", 2, "shape", [-1, 4])}),
-    Row("model file", "bits = 0", EVAL, r"bits must be an integer in \[1, 16\], got 0",
-        command="eval", extra={"model": ("entry", 1, "bits", 0)}),
-    Row("model file", "negative bits", EVAL, r"bits must be an integer in \[1, 16\], got -2",
-        command="eval", extra={"model": ("entry", 1, "bits", -2)}),
+    Row("model file", "duplicate tensor name", EVAL,
+        r"corrupt header: duplicate key 'param/fc2/bias'", command="eval",
+        extra={"model": "duplicate"}),
+    Row("model file", "bits = 17", EVAL, r"bits must be an integer in \[1, 16\], got 17",
+        command="eval", extra={"model": ("layer", "bits", 17)}),
+    Row("model file", "huge shape", EVAL, r"bytes do not hold shape \[1000000, 1000000\]",
+        command="eval", extra={"model": ("tensor", "param/fc2/bias", "shape", [10**6, 10**6])}),
+    Row("model file", "wrong dtype", EVAL, r"has dtype 'F64', a param tensor is F32",
+        command="eval", extra={"model": ("tensor", "param/fc2/bias", "dtype", "F64")}),
+    Row("model file", "overlapping tensors", EVAL, r"overlaps the tensor before it",
+        command="eval", extra={"model": "overlap"}),
     Row("model file", "indices beyond a small codebook", EVAL,
         r"indices of conv1/conv/kernel reach \d+, its codebook has K = 2", command="eval",
         extra={"model": "small_codebook"}),
     Row("model file", "NaN codebook", EVAL, r"holds non-finite values", command="eval",
         extra={"model": "nan_codebook"}),
-    Row("model file", "duplicate entry", EVAL, r"appears twice", command="eval",
-        extra={"model": "duplicate"}),
-    Row("model file", "offset past the payload", EVAL, r"runs past the payload",
-        command="eval", extra={"model": ("entry", 3, "offset", 10**12)}),
-    Row("model file", "unknown entry kind", EVAL, r"unknown kind 'weights'", command="eval",
-        extra={"model": ("entry", 3, "kind", "weights")}),
     Row("model file", "missing batch statistics", EVAL,
         r"batch-statistics names or shapes do not match", command="eval",
         extra={"model": "no_stats"}),
@@ -201,55 +192,47 @@ ROWS = [
 # ----------------------------------------------------------------------------- fixtures
 
 
-def _checksummed(header_bytes: bytes, payload: bytes) -> bytes:
-    from qarjax.compress import MAGIC
-
-    body = MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes + payload
-    return body + hashlib.sha256(body).digest()
-
-
-def _split(blob: bytes):
-    from qarjax.compress import MAGIC
-
-    (n,) = struct.unpack("<Q", blob[len(MAGIC) : len(MAGIC) + 8])
-    start = len(MAGIC) + 8
-    return json.loads(blob[start : start + n]), blob[start + n : -32]
-
-
 def _model_file(good: bytes, how) -> bytes | None:
     """A damaged or crafted variant of the good model file (crafted ones re-checksummed)."""
     import numpy as np
 
     if how is None or isinstance(how, bytes):
         return how
-    if how == "flip":
-        return good[:300] + bytes([good[300] ^ 0xFF]) + good[301:]
+    if how == "flip":  # a byte of the last tensor's data
+        return good[:-5] + bytes([good[-5] ^ 0xFF]) + good[-4:]
     if how == "truncate":
         return good[: len(good) // 2]
-    header, payload = _split(good)
-    entries = header["entries"]
-    if how == "small_codebook":  # 2-entry codebook under 2-bit indices that reach 3
-        entries[0]["shape"], entries[0]["k"], entries[0]["length"] = [2], 2, 8
+    if how == "append":
+        return good + b"extra"
+    meta, tensors = model_files.split(good)
+    if how == "small_codebook":  # a 2-entry codebook under 2-bit indices that reach 3
+        cb = tensors["codebook/conv1/conv/kernel"]
+        cb[1], cb[2] = [2], cb[2][:8]
+        meta["layers"]["conv1/conv/kernel"]["k"] = 2
     elif how == "nan_codebook":
-        off = entries[0]["offset"]
-        payload = payload[:off] + np.float32(np.nan).tobytes() + payload[off + 4 :]
-    elif how == "duplicate":
-        entries.append(dict(entries[3]))
+        cb = tensors["codebook/conv1/conv/kernel"]
+        cb[2] = np.float32(np.nan).tobytes() + cb[2][4:]
     elif how == "no_stats":
-        header["entries"] = [e for e in entries if e["kind"] != "batch_stat"]
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("batch_stat/")}
+    header, data = model_files.header_of(meta, tensors)
+    if how == "duplicate":
+        raw = json.dumps(header).encode()
+        entry = json.dumps(header["param/fc2/bias"]).encode()
+        return model_files.file_of(raw[:-1] + b', "param/fc2/bias": ' + entry + b"}", data)
+    if how == "overlap":  # the second tensor starts 4 bytes into the first
+        second = header[list(tensors)[1]]
+        second["data_offsets"] = [x - 4 for x in second["data_offsets"]]
     elif how[0] == "header":
         header = how[1]
-    elif how[0] == "drop":
-        del header[how[1]]
     elif how[0] == "raw":
-        return _checksummed(how[1], payload)
-    elif how[0] == "entry":
-        _, i, key, value = how
-        if value is None:
-            del entries[i][key]
-        else:
-            entries[i][key] = value
-    return _checksummed(json.dumps(header).encode(), payload)
+        header = how[1]
+    elif how[0] == "layer":
+        meta["layers"]["conv1/conv/kernel"][how[1]] = how[2]
+        header["__metadata__"]["layers"] = json.dumps(meta["layers"])
+    elif how[0] == "tensor":
+        _, name, key, value = how
+        header[name][key] = value
+    return model_files.file_of(header, data)
 
 
 @pytest.fixture(scope="module")
@@ -293,12 +276,9 @@ def world(tmp_path_factory):
     params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     stats = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
     layers, params = quantize_params(params, [(("conv1", "conv", "kernel"), 4)], method="uniform")
-    compress.save(root / "good.qarjax", config={"model": "cnn_small"}, params=params,
+    compress.save(root / "good.safetensors", config={"model": "cnn_small"}, params=params,
                   batch_stats=stats, layers=layers, metadata={"trained_steps": 4})  # fmt: skip
-    header, _ = _split((root / "good.qarjax").read_bytes())
-    kinds = [e["kind"] for e in header["entries"][:4]]
-    assert kinds == ["codebook", "indices", "param", "param"], kinds  # rows index these
-    assert np.asarray(layers["conv1/conv/kernel"].indices).max() == 3
+    assert np.asarray(layers["conv1/conv/kernel"].indices).max() == 3  # rows rely on it
     return {"tmp": root, "data": f"imagefolder:{data}", "run": run}
 
 
@@ -321,11 +301,11 @@ def _run_row(row: Row, world: dict, index: int) -> str | None:
     for name in ("empty_class", "corrupt", "locked"):
         (tmp / name).symlink_to(world["tmp"] / name, target_is_directory=True)
     if "model" in row.extra:
-        blob = _model_file((world["tmp"] / "good.qarjax").read_bytes(), row.extra["model"])
+        blob = _model_file((world["tmp"] / "good.safetensors").read_bytes(), row.extra["model"])
         if blob is not None:
-            (tmp / "model.qarjax").write_bytes(blob)
+            (tmp / "model.safetensors").write_bytes(blob)
     elif row.command == "eval":
-        (tmp / "model.qarjax").write_bytes((world["tmp"] / "good.qarjax").read_bytes())
+        (tmp / "model.safetensors").write_bytes((world["tmp"] / "good.safetensors").read_bytes())
     fill = {"tmp": str(tmp), "data": world["data"], "run": str(world["run"])}
     args = [a.format(**fill) for a in row.args]
     before = _snapshot(world["run"])

@@ -50,8 +50,8 @@ def test_whole_pipeline_on_every_model(model, tmp_path):
     for key in ("fp_accuracy", "pre_tuning_accuracy", "post_tuning_accuracy"):
         assert 0.0 <= report[key] <= 1.0
     # weights.png draws the grid the weights were trained towards, and the tuned codebooks
-    before = compress.load(workdir / "quantized.qarjax").layers
-    artifact = compress.load(workdir / "tuned.qarjax")
+    before = compress.load(workdir / "quantized.safetensors").layers
+    artifact = compress.load(workdir / "tuned.safetensors")
     for name, lines in report["codebooks"].items():
         np.testing.assert_allclose(lines["grid"], np.asarray(before[name].codebook), rtol=1e-6)
         np.testing.assert_allclose(lines["tuned"], np.asarray(artifact.layers[name].codebook))

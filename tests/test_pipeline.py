@@ -36,7 +36,13 @@ def test_run_writes_the_report(trained):
     assert report["compression_ratio"] > 10
     for layer in report["sizes"]["layers"].values():
         assert layer["distinct_values"] <= 4
-    for name in ("report.md", "weights.png", "quantized.qarjax", "tuned.qarjax", "summary.json"):
+    for name in (
+        "report.md",
+        "weights.png",
+        "quantized.safetensors",
+        "tuned.safetensors",
+        "summary.json",
+    ):
         assert (workdir / name).exists(), name
 
 
@@ -70,15 +76,15 @@ def test_bad_quantization_config(trained, extra, message):
 def test_altered_and_mismatched_artifacts(trained, tmp_path):
     folder, workdir, args = trained
     data = f"--config.dataset=imagefolder:{folder}"
-    altered = tmp_path / "altered.qarjax"
-    blob = bytearray((workdir / "tuned.qarjax").read_bytes())
-    blob[200] ^= 0xFF
+    altered = tmp_path / "altered.safetensors"
+    blob = bytearray((workdir / "tuned.safetensors").read_bytes())
+    blob[-10] ^= 0xFF  # a byte of the tensor data
     altered.write_bytes(bytes(blob))
     result = run_cli("eval", *args, data, "--artifact", str(altered))
     assert result.returncode == 2 and "checksum mismatch" in result.stderr
     result = run_cli(
         "eval", "--config", "configs/demo.py", "--workdir", str(workdir), data,
-        "--config.model=alexnet", "--artifact", str(workdir / "tuned.qarjax"),
+        "--config.model=alexnet", "--artifact", str(workdir / "tuned.safetensors"),
     )  # fmt: skip
     assert result.returncode == 2 and "holds model 'cnn_small'" in result.stderr
 
@@ -94,11 +100,11 @@ def test_stale_artifacts_are_refused_and_overwrite_removes_them(trained, tmp_pat
     assert result.returncode == 0, result.stderr
     result = run_cli("eval", *args, data, *more)
     assert result.returncode == 2
-    assert re.search(r"tuned.qarjax is stale: it was made from step \d+ of training, the run "
+    assert re.search(r"tuned.safetensors is stale: it was made from step \d+ of training, the run "
                      r"in .* is at step \d+", result.stderr), result.stderr  # fmt: skip
     result = run_cli("train", *args, data, *BASE, "--overwrite")
     assert result.returncode == 0, result.stderr
-    for name in ("quantized.qarjax", "tuned.qarjax", "quantize.json", "tune.json",
+    for name in ("quantized.safetensors", "tuned.safetensors", "quantize.json", "tune.json",
                  "report.json", "report.md", "weights.png"):  # fmt: skip
         assert not (copy / name).exists(), name
     result = run_cli("eval", *args, data, *BASE)

@@ -81,7 +81,7 @@ def test_a_user_mlp_through_the_whole_public_api(tmp_path):
     accuracy = _accuracy(model, x, y)
     assert accuracy > 0.7
 
-    path = tmp_path / "mlp.qarjax"
+    path = tmp_path / "mlp.safetensors"
     qj.save(path, tuned)
     fresh = MLP(nnx.Rngs(7))  # no regularizer variables: the file holds weights and stats only
     loaded = qj.load(path, into=fresh)
