@@ -1,0 +1,91 @@
+"""A model as the pure steps see it: its graph definition, regularization and initial trees.
+
+`ModelDef.build` creates the named model, selects and attaches the regularization, and splits
+the model once into a graphdef and plain nested dicts (weights, quantization params,
+quantization constants, batch statistics). `apply` merges them back inside a jitted function.
+This is the only place the steps meet NNX (the shape of flax's gemma example: a model
+definition plus pure functions of its state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+from qarjax.models import create_model
+from qarjax.regularization import Regularization
+from qarjax.representatives import QuantConst, QuantParam
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+    """The graph definition of a model, its regularization and its initial plain trees.
+
+    Attributes:
+      graphdef: the NNX graph definition (structure, no arrays).
+      reg: the model's `Regularization` (its variables are attached to the model).
+      initial: {"params", "quant", "consts", "batch_stats"}: the freshly built model's trees
+        (host arrays; names and shapes).
+    """
+
+    graphdef: Any
+    reg: Regularization
+    initial: dict
+
+    @classmethod
+    def build(cls, config, dataset, *, dtype, steps_per_epoch: int) -> ModelDef:
+        """The config's model for `dataset`'s images and classes, with config.reg attached."""
+        model = create_model(
+            config.model,
+            num_classes=dataset.num_classes,
+            image_shape=dataset.image_shape,
+            seed=config.seed,
+            dtype=dtype,
+            dropout=None if config.dropout < 0 else config.dropout,
+        )
+        plain = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        reg = Regularization.from_config(
+            config.reg, plain, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
+        )
+        if reg.active:
+            reg.attach(model)
+        graphdef, quant, params, consts, batch_stats, rest = nnx.split(
+            model, QuantParam, nnx.Param, QuantConst, nnx.BatchStat, ...
+        )
+        if jax.tree.leaves(rest):
+            raise ValueError("models must keep no state besides params and batch stats")
+        initial = {
+            "params": nnx.to_pure_dict(params),
+            "quant": nnx.to_pure_dict(quant),
+            "consts": nnx.to_pure_dict(consts),
+            "batch_stats": nnx.to_pure_dict(batch_stats),
+        }
+        return cls(graphdef, reg, initial)
+
+    def merge(self, params, quant, consts, batch_stats) -> nnx.Module:
+        """The model with these trees, its kernels as the regularizer's forward pass sees them
+        (unchanged for the penalty families)."""
+        params = self.reg.forward_params(params, quant, consts)
+        return nnx.merge(self.graphdef, quant, params, consts, batch_stats)
+
+    def apply(self, params, quant, consts, batch_stats, images, *, train: bool, dropout_key=None):
+        """Logits and the updated batch statistics for normalized `images`."""
+        model = self.merge(params, quant, consts, batch_stats)
+        rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
+        logits = model(images, train=train, rngs=rngs)
+        return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    def batch_statistics(self, params, quant, consts, batch_stats, images, dropout_key) -> dict:
+        """The batch-norm statistics of one batch of normalized `images` under `params`, in
+        train mode (dropout active as in training: VGG16 has dropout after its last batch
+        norm, and train mode without dropout rngs is an error in NNX)."""
+        model = self.merge(params, quant, consts, batch_stats)
+        modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
+        for _, module in modules:
+            if isinstance(module, nnx.BatchNorm):
+                module.momentum = 0.0  # the module then reports this batch's statistics
+        model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+        return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
