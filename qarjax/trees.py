@@ -49,8 +49,8 @@ def as_tree(x, *filters) -> dict:
     everything), an `nnx.State`, or a plain dict (returned as is)."""
     if isinstance(x, nnx.Module):
         return nnx.to_pure_dict(nnx.state(x, *filters))
-    if isinstance(x, nnx.State):
-        return nnx.to_pure_dict(x)
+    if isinstance(x, nnx.State):  # a state of Variables filters like the model
+        return nnx.to_pure_dict(x.filter(*filters) if filters else x)
     if isinstance(x, dict):
         return x
     raise TypeError(f"expected an NNX model, an nnx.State or a dict of arrays, got {type(x)}")

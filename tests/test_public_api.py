@@ -74,6 +74,10 @@ def test_a_user_mlp_through_the_whole_public_api(tmp_path):
 
     q = qj.quantize(model, reg)
     assert q.levels() == {"body/kernel": 4, "out/kernel": 2}
+    from_state = qj.quantize(nnx.state(model), reg)  # the model's state works the same
+    np.testing.assert_array_equal(
+        from_state.layers["out/kernel"].indices, q.layers["out/kernel"].indices
+    )
     tuned = qj.tune(model, q, _ce, [(x, y)] * 20, learning_rate=1e-3)
     for name, layer in tuned.layers.items():  # still K values, the same indices
         assert np.unique(np.asarray(tuned.params[name.split("/")[0]]["kernel"])).size <= layer.k
