@@ -48,12 +48,14 @@ import stat
 import struct
 from pathlib import Path
 
+import jax
 import numpy as np
 import safetensors.numpy
 
 from qarjax.bitpack import pack_bits, packed_size, padding_is_zero, unpack_bits
 from qarjax.errors import ArtifactError
-from qarjax.quantize import QuantizedLayer
+from qarjax.metrics import to_python
+from qarjax.quantize import QuantizedLayer, QuantizedModel
 from qarjax.trees import Path as KeyPath
 from qarjax.trees import leaves_with_paths, path_name, set_in
 
@@ -113,6 +115,13 @@ class Artifact:
         for layer in self.layers.values():
             tree = set_in(tree, layer.path, np.asarray(layer.codebook)[np.asarray(layer.indices)])
         return tree
+
+    def to_model(self) -> QuantizedModel:
+        """The `QuantizedModel` the stages pass along (kernels dequantized: float32, so
+        1 / bits of a layer's indices' size times 32)."""
+        return QuantizedModel(
+            self.params(), self.batch_stats, self.layers, self.config, self.metadata
+        )
 
 
 # ----------------------------------------------------------------------------- names
@@ -517,12 +526,8 @@ def size_report(params: dict, layers: dict[str, QuantizedLayer], file_bytes: int
     return report
 
 
-def save_model(path: str | Path, q) -> int:
+def save_model(path: str | Path, q: QuantizedModel) -> int:
     """Writes a `QuantizedModel` to `path` atomically; returns the file's size in bytes."""
-    import jax
-
-    from qarjax.metrics import to_python
-
     return save(
         path,
         config=q.config,
@@ -533,14 +538,11 @@ def save_model(path: str | Path, q) -> int:
     )
 
 
-def load_model(path: str | Path, into=None):
+def load_model(path: str | Path, into=None) -> QuantizedModel:
     """Reads a model file into a `QuantizedModel` (refusing a damaged or crafted file with
     one ArtifactError line); with `into` (an NNX model of the same structure), also writes
     the weights and statistics into it."""
-    from qarjax.quantize import QuantizedModel
-
-    a = load(path)
-    q = QuantizedModel(a.params(), a.batch_stats, a.layers, a.config, a.metadata)
+    q = load(path).to_model()
     if into is not None:
         q.into(into)
     return q
