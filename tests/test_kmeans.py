@@ -2,13 +2,18 @@
 nearest-centroid search."""
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO
 
 from qarjax.kmeans import EXACT_MAX_N, assign, kmeans_1d
+
+sys.path.insert(0, str(REPO / "experiments"))
+from kmeans_quality import exact_optima  # noqa: E402
 
 N = 432  # one small layer (3 x 3 x 3 x 16); every small case has this size: one compile per K
 
@@ -63,42 +68,9 @@ def plain_optimum(w, k):
 
 
 def fast_optimum(w, k):
-    """The same optimum for larger n, O(k n log n): the best i is monotone in j, so each
-    layer is divide and conquer over j, done for a whole recursion level at once."""
-    x = np.sort(np.asarray(w, np.float64).ravel())
-    x = x - x.mean()
-    n = x.size
-    s1 = np.concatenate([[0.0], np.cumsum(x)])
-    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
-
-    def cost(i, j):
-        return s2[j] - s2[i] - (s1[j] - s1[i]) ** 2 / np.maximum(j - i, 1)
-
-    best = cost(np.zeros(n + 1, int), np.arange(n + 1))
-    for _ in range(k - 1):
-        new = np.empty(n + 1)
-        lo_j, hi_j, lo_i, hi_i = (np.array([v]) for v in (1, n, 0, n - 1))
-        while lo_j.size:
-            mid = (lo_j + hi_j) // 2
-            top = np.minimum(hi_i, mid - 1)
-            width = top - lo_i + 1
-            first = np.concatenate([[0], np.cumsum(width)[:-1]])
-            owner = np.repeat(np.arange(mid.size), width)
-            i = np.arange(owner.size) - first[owner] + lo_i[owner]
-            total = best[i] + cost(i, mid[owner])
-            low = np.minimum.reduceat(total, first)
-            arg = np.minimum.reduceat(np.where(total <= low[owner], i, n), first)
-            new[mid] = low
-            left, right = lo_j < mid, mid < hi_j
-            lo_j, hi_j, lo_i, hi_i = (
-                np.concatenate([lo_j[left], mid[right] + 1]),
-                np.concatenate([mid[left] - 1, hi_j[right]]),
-                np.concatenate([lo_i[left], arg[right]]),
-                np.concatenate([arg[left], hi_i[right]]),
-            )
-        new[0] = np.inf
-        best = new
-    return best[n]
+    """The same optimum for larger n, O(k n log n): experiments/kmeans_quality.py's
+    divide-and-conquer programme (one reference for the test and the quality figures)."""
+    return exact_optima(w, [k])[k]
 
 
 @functools.cache
