@@ -99,6 +99,7 @@ def scale_by_grid_spacing(step: float) -> optax.GradientTransformation:
 
 class PullState(NamedTuple):
     count: jax.Array  # steps taken, for a learning-rate schedule
+    inner: optax.OptState  # the wrapped optimizer's state
 
 
 def _penalty_grads(reg, params, consts):
@@ -113,40 +114,32 @@ def _penalty_grads(reg, params, consts):
     return jax.grad(lambda p: reg.terms(as_tree(p), as_tree(p), consts)[0])(params)
 
 
-def pull_gradients(reg) -> optax.GradientTransformationExtraArgs:
-    """Adds d(sum_l lambda_l R_l)/dv to the gradient of each quantization param v (for a
-    loss without the penalty: the decoupled pull's representatives still follow their
-    clusters). Needs ``consts=reg.consts(model)`` in the update's extra arguments."""
-    names = reg.variable_labels()
+def decoupled_pull(
+    reg, learning_rate, inner: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+    """`inner` (e.g. `optimizer`'s routed transform), with the pull towards the grid applied
+    outside it, as AdamW applies its weight decay: the same pull under any optimizer.
 
-    def update_fn(updates, state, params=None, *, consts=None, **extra):
-        del extra
-        g = _penalty_grads(reg, params, consts)
-        return name_map(lambda n, u, gg: u + gg if n in names else u, updates, g), state
-
-    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update_fn)
-
-
-def decoupled_pull(reg, learning_rate) -> optax.GradientTransformationExtraArgs:
-    """Adds -lr * d(sum_l lambda_l R_l)/dw to each weight's update, after the optimizer (as
-    AdamW adds its weight decay): the same pull towards the grid under any optimizer.
-
-    `learning_rate`: a float or an optax schedule (of this transform's step count). Needs
-    ``consts=reg.consts(model)`` (the ranges and K, which are not trained) in the update's
-    extra arguments: ``opt.update(model, grads, consts=reg.consts(model))``.
+    With g = d(sum_l lambda_l R_l) computed once per step, each quantization param's gradient
+    gets its part of g before `inner` (a loss without the penalty gives them none, and the
+    representatives must still follow their clusters), and each weight's update gets
+    -lr * g after it. `learning_rate`: a float or an optax schedule (of this transform's step
+    count). Needs ``consts=reg.consts(model)`` (the ranges and K, which are not trained) in
+    the update's extra arguments: ``opt.update(model, grads, consts=reg.consts(model))``.
     """
     names = reg.variable_labels()
 
     def init_fn(params):
-        del params
-        return PullState(jnp.zeros([], jnp.int32))
+        return PullState(jnp.zeros([], jnp.int32), inner.init(params))
 
     def update_fn(updates, state, params=None, *, consts=None, **extra):
         del extra
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         g = _penalty_grads(reg, params, consts)
+        updates = name_map(lambda n, u, gg: u + gg if n in names else u, updates, g)
+        updates, inner_state = inner.update(updates, state.inner, params)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         pull = lambda n, u, gg: u if n in names else u - lr * gg.astype(u.dtype)
-        return name_map(pull, updates, g), PullState(state.count + 1)
+        return name_map(pull, updates, g), PullState(state.count + 1, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -186,7 +179,7 @@ def optimizer(
     routed = optax.partition(transforms, labels)
     if decoupled is None:
         return routed
-    return optax.chain(pull_gradients(reg), routed, decoupled_pull(reg, decoupled))
+    return decoupled_pull(reg, decoupled, routed)
 
 
 def _weights_optimizer(cfg, schedule, mask) -> optax.GradientTransformation:
