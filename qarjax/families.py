@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qarjax import dkm, lsq
 from qarjax import regularizers as R
 from qarjax.errors import ConfigError
 from qarjax.representatives import (
+    DkmCentroids,
     GridSize,
     QuantScalar,
     Representatives,
@@ -75,10 +77,12 @@ class Family:
         del w, v, s, size
         return None
 
-    def forward(self, w: jax.Array, v: dict, s: Settings) -> jax.Array:
-        """The kernel the forward pass uses (identity: the family only adds a penalty)."""
+    def forward(self, w: jax.Array, v: dict, s: Settings) -> tuple[jax.Array, dict]:
+        """(the kernel the forward pass uses, new values of the family's non-trained
+        variables by suffix): identity and no update for the families that only add a
+        penalty; DKM carries its solved centroids to the next step."""
         del v, s
-        return w
+        return w, {}
 
     def labels(self) -> dict[str, str]:
         """The optimizer label of each trainable variable suffix: ``reps`` or ``scalars``."""
@@ -273,3 +277,68 @@ class GradientL1(Family):
 
     name = "gradient_l1"
     needs_loss = True
+
+
+@register
+class Lsq(Family):
+    """LSQ (Esser et al. 2020): the kernel fake-quantized to K uniform levels of a trained
+    step s in the forward pass (straight-through rounding, the paper's step gradient)."""
+
+    name = "lsq"
+    has_grid = True
+    suffixes = ("k", "step")
+
+    def variables(self, size):
+        return {"k": GridSize(jnp.int32(size)), "step": QuantScalar(jnp.float32(1.0))}
+
+    def start(self, w, k, rng, s, size):
+        return {"k": jnp.int32(k), "step": lsq.init_step(w, k).astype(jnp.float32)}
+
+    def value(self, w, v, s):  # the method lives in the forward pass: no penalty
+        return jnp.zeros((), jnp.float32)
+
+    def forward(self, w, v, s):
+        return lsq.fake_quantize(w, _positive(v["step"]), v["k"]), {}
+
+    def grid(self, w, v, s, size):
+        return lsq.grid(_positive(v["step"]), v["k"], k_max=size)
+
+    def labels(self):
+        return {"step": "scalars"}
+
+
+def _positive(step):
+    return jnp.maximum(step, 1e-8)  # the paper leaves s unconstrained; a step must stay > 0
+
+
+@register
+class Dkm(Family):
+    """DKM (Cho et al. 2022): the kernel replaced by its soft reconstruction over K centroids
+    solved by soft k-means in the forward pass (tau = t h, h the centroids' mean spacing);
+    the solved centroids start the next step's solve."""
+
+    name = "dkm"
+    has_grid = True
+    suffixes = ("k", "centroids")
+
+    def variables(self, size):
+        return {"k": GridSize(jnp.int32(size)), "centroids": DkmCentroids(jnp.zeros(size))}
+
+    def start(self, w, k, rng, s, size):
+        centroids, _ = dkm.init_centroids(jnp.ravel(w).astype(jnp.float32), k, size)
+        return {"k": jnp.int32(k), "centroids": centroids}
+
+    def value(self, w, v, s):
+        return jnp.zeros((), jnp.float32)
+
+    def forward(self, w, v, s):
+        c, mask = v["centroids"], dkm.centroid_mask(v["k"], v["centroids"].shape[-1])
+        live = jnp.where(mask, c, jnp.nan)
+        h = (jnp.nanmax(live) - jnp.nanmin(live)) / (v["k"] - 1)
+        tau = jax.lax.stop_gradient(s.temperature * jnp.maximum(h, 1e-8))
+        w_soft, new, _ = dkm.soft_quantize(w, c, mask, tau=tau)
+        return w_soft, {"centroids": new}
+
+    def grid(self, w, v, s, size):
+        mask = dkm.centroid_mask(v["k"], size)
+        return jnp.sort(jnp.where(mask, v["centroids"], jnp.inf))

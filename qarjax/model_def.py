@@ -65,24 +65,28 @@ class ModelDef:
         }
         return cls(graphdef, reg, initial)
 
-    def merge(self, params, quant, consts, batch_stats) -> nnx.Module:
+    def merge(self, params, quant, consts, batch_stats) -> tuple[nnx.Module, dict]:
         """The model with these trees, its kernels as the regularizer's forward pass sees them
-        (unchanged for the penalty families)."""
-        params = self.reg.forward_params(params, quant, consts)
-        return nnx.merge(self.graphdef, quant, params, consts, batch_stats)
+        (unchanged for the penalty families), and the consts that pass carries on."""
+        params, carried = self.reg.forward(params, quant, consts)
+        return nnx.merge(self.graphdef, quant, params, consts, batch_stats), carried
 
     def apply(self, params, quant, consts, batch_stats, images, *, train: bool, dropout_key=None):
-        """Logits and the updated batch statistics for normalized `images`."""
-        model = self.merge(params, quant, consts, batch_stats)
+        """(logits, {"batch_stats", "consts"}: the updated batch statistics and the
+        quantization constants the forward pass carries on) for normalized `images`."""
+        model, carried = self.merge(params, quant, consts, batch_stats)
         rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
         logits = model(images, train=train, rngs=rngs)
-        return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return logits, {
+            "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+            "consts": carried,
+        }
 
     def batch_statistics(self, params, quant, consts, batch_stats, images, dropout_key) -> dict:
         """The batch-norm statistics of one batch of normalized `images` under `params`, in
         train mode (dropout active as in training: VGG16 has dropout after its last batch
         norm, and train mode without dropout rngs is an error in NNX)."""
-        model = self.merge(params, quant, consts, batch_stats)
+        model, _ = self.merge(params, quant, consts, batch_stats)
         modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
         for _, module in modules:
             if isinstance(module, nnx.BatchNorm):

@@ -362,16 +362,18 @@ class Regularization:
         tree = as_tree(model)
         return self.terms(tree, tree, tree, step)[0]
 
-    def forward_params(self, params: dict, quant: dict, consts: dict) -> dict:
-        """`params` with each kernel replaced by what its family's forward pass uses
-        (unchanged for the penalty families)."""
+    def forward(self, params: dict, quant: dict, consts: dict) -> tuple[dict, dict]:
+        """(`params` with each kernel replaced by what its family's forward pass uses,
+        `consts` with the values the forward pass carries to the next step): both unchanged
+        for the penalty families."""
         for s in self.layers:
             if type(s.fam).forward is not Family.forward:
-                w = s.fam.forward(
-                    get_in(params, s.path), self._vars(s, quant, consts), self.settings
-                )
+                v = self._vars(s, quant, consts)
+                w, updates = s.fam.forward(get_in(params, s.path), v, self.settings)
                 params = set_in(params, s.path, w)
-        return params
+                for suffix, value in updates.items():
+                    consts = set_in(consts, s.var_path(suffix), jax.lax.stop_gradient(value))
+        return params, consts
 
     # ------------------------------------------------------------------ grids and metrics
     def grid(self, layer: LayerSpec, params: dict, quant: dict, consts: dict) -> jax.Array:

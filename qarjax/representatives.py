@@ -58,6 +58,10 @@ class GridRange(QuantConst):
     """A layer's grid range [lo, hi], fixed when regularization starts; shape (2,)."""
 
 
+class DkmCentroids(QuantConst):
+    """DKM's K centroids: solved in each forward pass, carried to the next (not trained)."""
+
+
 class GridSize(QuantConst):
     """A layer's number of quantization levels K (int32 scalar)."""
 

@@ -71,15 +71,15 @@ def loss_fn(s: Steps, trainable, consts, batch_stats, images, labels, step, drop
     quant = restrict(trainable, s.model.initial["quant"])
 
     def ce_of(params):
-        logits, stats = s.model.apply(
+        logits, new = s.model.apply(
             params, quant, consts, batch_stats, images, train=True, dropout_key=dropout_key
         )
-        return cross_entropy(logits, labels, s.label_smoothing), (logits, stats)
+        return cross_entropy(logits, labels, s.label_smoothing), (logits, new)
 
-    ce, (logits, new_stats) = ce_of(params)
+    ce, (logits, new) = ce_of(params)
     penalty, _ = s.model.reg.terms(params, quant, consts, step, lambda p: ce_of(p)[0])
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    return ce + penalty, {"ce": ce, "reg": penalty, "correct": correct, "batch_stats": new_stats}
+    return ce + penalty, {"ce": ce, "reg": penalty, "correct": correct, **new}
 
 
 def train_step(s: Steps, state: TrainState, arrays: dict, idx) -> tuple[TrainState, dict]:
@@ -100,6 +100,7 @@ def train_step(s: Steps, state: TrainState, arrays: dict, idx) -> tuple[TrainSta
         params=restrict(trainable, state.params),
         quant=restrict(trainable, state.quant),
         batch_stats=aux["batch_stats"],
+        consts=aux["consts"],
         opt_state=opt_state,
     )
     return new, {k: aux[k] for k in ("ce", "reg", "correct")} | {"loss": loss}
