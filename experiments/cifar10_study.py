@@ -2,7 +2,9 @@
 
 Methods: `none` (a plain model, quantized by k-means and by a uniform grid), the static
 `sine` / `cosine` and dynamic `nearest` / `softmin` regularizers (quantized to their own grid),
-and the baselines R^2 `linf` and `gradient_l1` (quantized by k-means).
+the baselines R^2 `linf` and `gradient_l1` (quantized by k-means), and the quantization-aware
+training rivals `dkm` (differentiable k-means) and `lsq` (learned step size), which change the
+forward pass instead of the loss (quantized to their own centroids / grid).
 
 How the sweep spends its time:
   - shared pre-training: per (model, seed) one plain run; every regularized run branches off
@@ -55,7 +57,7 @@ SCALES = {
             "train_size": 50000},
 }  # fmt: skip
 K_GROUPS = ([4, 2], [8, 16])  # the most telling K first (for every model), then the rest
-METHODS = ["none", "sine", "cosine", "nearest", "softmin", "linf", "gradient_l1"]
+METHODS = ["none", "sine", "cosine", "nearest", "softmin", "linf", "gradient_l1", "dkm", "lsq"]
 BASELINE_LAMBDA = {"linf": 0.01, "gradient_l1": 0.01}
 # Step-time factors over the plain step, for --plan: measured on the 2-core CPU with
 # cnn_small (experiments/bench_regularizers.py: the paper's families 1.02-1.16 at K <= 32,

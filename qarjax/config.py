@@ -43,6 +43,7 @@ def default_reg_config() -> ml_collections.ConfigDict:
             range_hi=1.0,
             init="kmeans",
             temperature=0.02,
+            dkm_temperature=0.1,  # dkm: tau = this x the centroids' mean spacing
             reduction="sum",
             eta=0.01,
             reps_step=0.01,

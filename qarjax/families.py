@@ -48,6 +48,7 @@ class Settings:
     temperature: float = 0.02
     reduction: str = "sum"
     eta: float = 0.01
+    dkm_temperature: float = 0.1  # DKM's tau over the centroids' mean spacing
 
 
 class Family:
@@ -57,6 +58,7 @@ class Family:
     has_grid: ClassVar[bool] = False  # quantized by default to its own grid ("nearest")
     needs_loss: ClassVar[bool] = False  # its term is a function of the loss (gradient_l1)
     suffixes: ClassVar[tuple[str, ...]] = ()  # the names of the variables it adds
+    carries: ClassVar[tuple[str, ...]] = ()  # non-trained suffixes `forward` returns anew
 
     def variables(self, size: int) -> dict[str, nnx.Variable]:
         """Placeholder variables (by suffix) added next to a kernel; `size`: padded K."""
@@ -85,7 +87,8 @@ class Family:
         return w, {}
 
     def labels(self) -> dict[str, str]:
-        """The optimizer label of each trainable variable suffix: ``reps`` or ``scalars``."""
+        """The optimizer label of each trainable variable suffix: ``reps``, ``scalars`` or
+        ``weights`` (trained by the weights' optimizer, as LSQ's step)."""
         return {}
 
 
@@ -303,8 +306,8 @@ class Lsq(Family):
     def grid(self, w, v, s, size):
         return lsq.grid(_positive(v["step"]), v["k"], k_max=size)
 
-    def labels(self):
-        return {"step": "scalars"}
+    def labels(self):  # the weights' optimizer, as in the paper (its gradient scale g sizes
+        return {"step": "weights"}  # the step's gradient for SGD; "kernel$" decay skips it
 
 
 def _positive(step):
@@ -314,12 +317,15 @@ def _positive(step):
 @register
 class Dkm(Family):
     """DKM (Cho et al. 2022): the kernel replaced by its soft reconstruction over K centroids
-    solved by soft k-means in the forward pass (tau = t h, h the centroids' mean spacing);
+    solved by soft k-means in the forward pass (tau = t h, t = `dkm_temperature`, h the
+    centroids' mean spacing: t = 0.1 is about as soft as coremltools' default tau = 1e-4 on
+    squared distances, for weights at a spacing of 0.03);
     the solved centroids start the next step's solve."""
 
     name = "dkm"
     has_grid = True
     suffixes = ("k", "centroids")
+    carries = ("centroids",)
 
     def variables(self, size):
         return {"k": GridSize(jnp.int32(size)), "centroids": DkmCentroids(jnp.zeros(size))}
@@ -335,7 +341,7 @@ class Dkm(Family):
         c, mask = v["centroids"], dkm.centroid_mask(v["k"], v["centroids"].shape[-1])
         live = jnp.where(mask, c, jnp.nan)
         h = (jnp.nanmax(live) - jnp.nanmin(live)) / (v["k"] - 1)
-        tau = jax.lax.stop_gradient(s.temperature * jnp.maximum(h, 1e-8))
+        tau = jax.lax.stop_gradient(s.dkm_temperature * jnp.maximum(h, 1e-8))
         w_soft, new, _ = dkm.soft_quantize(w, c, mask, tau=tau)
         return w_soft, {"centroids": new}
 

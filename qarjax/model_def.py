@@ -65,16 +65,20 @@ class ModelDef:
         }
         return cls(graphdef, reg, initial)
 
-    def merge(self, params, quant, consts, batch_stats) -> tuple[nnx.Module, dict]:
+    def merge(self, params, quant, consts, batch_stats, active=True) -> tuple[nnx.Module, dict]:
         """The model with these trees, its kernels as the regularizer's forward pass sees them
-        (unchanged for the penalty families), and the consts that pass carries on."""
-        params, carried = self.reg.forward(params, quant, consts)
+        (unchanged for the penalty families, and while `active` is false: before the start,
+        or for quantized params), and the consts that pass carries on."""
+        params, carried = self.reg.forward(params, quant, consts, active)
         return nnx.merge(self.graphdef, quant, params, consts, batch_stats), carried
 
-    def apply(self, params, quant, consts, batch_stats, images, *, train: bool, dropout_key=None):
+    def apply(
+        self, params, quant, consts, batch_stats, images, *, train: bool, dropout_key=None,
+        active=True,
+    ):  # fmt: skip
         """(logits, {"batch_stats", "consts"}: the updated batch statistics and the
         quantization constants the forward pass carries on) for normalized `images`."""
-        model, carried = self.merge(params, quant, consts, batch_stats)
+        model, carried = self.merge(params, quant, consts, batch_stats, active)
         rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
         logits = model(images, train=train, rngs=rngs)
         return logits, {
@@ -82,11 +86,13 @@ class ModelDef:
             "consts": carried,
         }
 
-    def batch_statistics(self, params, quant, consts, batch_stats, images, dropout_key) -> dict:
+    def batch_statistics(
+        self, params, quant, consts, batch_stats, images, dropout_key, active=False
+    ) -> dict:
         """The batch-norm statistics of one batch of normalized `images` under `params`, in
         train mode (dropout active as in training: VGG16 has dropout after its last batch
         norm, and train mode without dropout rngs is an error in NNX)."""
-        model, _ = self.merge(params, quant, consts, batch_stats)
+        model, _ = self.merge(params, quant, consts, batch_stats, active)
         modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
         for _, module in modules:
             if isinstance(module, nnx.BatchNorm):

@@ -5,7 +5,8 @@ its quantization params, the tree ``nnx.state(model, TRAINABLE)`` holds) that ro
 by name with `optax.partition`:
 
   - ``weights``: `tx`, whatever it is (the config's: SGD with momentum, Nesterov, or AdamW,
-    with the configured schedule and decoupled weight decay masked by regex);
+    with the configured schedule and decoupled weight decay masked by regex), and the
+    quantization params a family labels ``weights`` (LSQ's step, as in its paper);
   - ``reps`` (representatives): Adam whose step is `reps_step` times the layer's grid
     spacing h (`scale_by_grid_spacing`): their raw gradients are tiny next to the weights' (a
     sum over a cluster, times lambda), and an absolute learning rate would mean different

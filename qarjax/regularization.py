@@ -24,11 +24,13 @@ Two ways to build one: `attach(model, rules, ...)` (any model) and
 ("regex=value,..." full-matched; a rule that matches none is an error), schedule,
 warmup_epochs, start_epoch, include / exclude (regexes searched in parameter names),
 range_mode, range_lo / range_hi, init, temperature (dimensionless t: tau = t h^2, h the mean
-spacing of the layer's representatives), reduction, eta).
+spacing of the layer's representatives), reduction, eta, dkm_temperature (DKM's tau = t h,
+h the mean spacing of its centroids)).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -128,6 +130,7 @@ class Regularization:
         temperature: float = 0.02,
         reduction: str = "sum",
         eta: float = 0.01,
+        dkm_temperature: float = 0.1,
     ) -> Regularization:
         """Selects layers of a params tree (or model) by `rules`; see `attach`."""
         tree = as_tree(params, nnx.Param)
@@ -150,7 +153,9 @@ class Regularization:
             specs.append(LayerSpec(path, fields["k"], fields["lam"], fields["family"]))
         if not specs:
             raise ConfigError(f"the rules select no parameter of {len(names)} ({_shown(names)})")
-        settings = Settings(range_mode, given_range, init, float(temperature), reduction, eta)
+        settings = Settings(
+            range_mode, given_range, init, float(temperature), reduction, eta, dkm_temperature
+        )
         _check_settings(settings)
         if k_max is not None:
             _check_range("k_max", k_max, 2, MAX_K)
@@ -186,8 +191,9 @@ class Regularization:
             if not given[0] < given[1]:
                 raise ConfigError(f"reg.range_lo must be < reg.range_hi, got {given}")
         settings = Settings(
-            cfg.range_mode, given, cfg.init, float(cfg.temperature), cfg.reduction, float(cfg.eta)
-        )
+            cfg.range_mode, given, cfg.init, float(cfg.temperature), cfg.reduction,
+            float(cfg.eta), float(cfg.dkm_temperature),
+        )  # fmt: skip
         _check_settings(settings, prefix="reg.")
         k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
         lam_over = parse_overrides(cfg.lam_overrides, float, "reg.lam")
@@ -267,7 +273,8 @@ class Regularization:
         return as_tree(model, QuantConst)
 
     def variable_labels(self) -> dict[str, str]:
-        """{name: ``reps`` | ``scalars``} of every trainable quantization variable."""
+        """{name: ``reps`` | ``scalars`` | ``weights``} of every trainable quantization
+        variable (see `qarjax.optim.optimizer`)."""
         return {
             path_name(s.var_path(suffix)): label
             for s in self.layers
@@ -362,18 +369,71 @@ class Regularization:
         tree = as_tree(model)
         return self.terms(tree, tree, tree, step)[0]
 
-    def forward(self, params: dict, quant: dict, consts: dict) -> tuple[dict, dict]:
+    def started(self, step: jax.Array) -> jax.Array:
+        """Whether regularization has started at `step` (a bool scalar)."""
+        return jnp.asarray(step) >= self.start_step
+
+    def forward(self, params: dict, quant: dict, consts: dict, active=True) -> tuple[dict, dict]:
         """(`params` with each kernel replaced by what its family's forward pass uses,
         `consts` with the values the forward pass carries to the next step): both unchanged
-        for the penalty families."""
+        for the penalty families, and for every family while `active` (a bool, or a traced
+        bool scalar: `started(step)`) is false."""
         for s in self.layers:
-            if type(s.fam).forward is not Family.forward:
-                v = self._vars(s, quant, consts)
-                w, updates = s.fam.forward(get_in(params, s.path), v, self.settings)
-                params = set_in(params, s.path, w)
-                for suffix, value in updates.items():
-                    consts = set_in(consts, s.var_path(suffix), jax.lax.stop_gradient(value))
+            fam = s.fam
+            if type(fam).forward is Family.forward:
+                continue
+            v = self._vars(s, quant, consts)
+            fwd = lambda w, v=v, fam=fam: fam.forward(w, v, self.settings)
+            if active is True:
+                w, updates = fwd(get_in(params, s.path))
+            else:  # the identity branch returns the carried values unchanged
+                keep = lambda w, v=v, fam=fam: (w, {c: v[c] for c in fam.carries})
+                w, updates = jax.lax.cond(active, fwd, keep, get_in(params, s.path))
+            params = set_in(params, s.path, w)
+            for suffix, value in updates.items():
+                consts = set_in(consts, s.var_path(suffix), jax.lax.stop_gradient(value))
         return params, consts
+
+    @contextlib.contextmanager
+    def forward_pass(self, model: nnx.Module):
+        """Inside the block, `model`'s kernels are what their families' forward pass uses
+        (DKM's soft reconstruction, LSQ's fake quantization; unchanged for the penalty
+        families), as functions of the trained weights, so gradients reach the weights and
+        the quantization params; DKM's solved centroids are written to `model`. On exit the
+        trained weights are back. Use it around the model call in your loss (and evaluation):
+
+        >>> import jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> import qarjax as qj
+        >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+        >>> reg = qj.attach(model, [qj.Rule("kernel", family="lsq", k=4)])
+        >>> def loss(model, x):
+        ...     with reg.forward_pass(model):
+        ...         y = model(x)
+        ...     return jnp.mean(y**2) + reg.penalty(model)
+        >>> grads = nnx.grad(loss, argnums=nnx.DiffState(0, qj.TRAINABLE))(model, jnp.ones((2, 8)))
+        >>> bool(jnp.any(grads["kernel_step"].value != 0))
+        True
+        >>> with reg.forward_pass(model):
+        ...     print(len(jnp.unique(model.kernel.value)) <= 4)
+        True
+        """
+        tree = as_tree(model)
+        params, consts = self.forward(tree, tree, tree)
+        saved = {}
+        for s in self.layers:
+            if type(s.fam).forward is Family.forward:
+                continue
+            var = _variable_at(model, s.path)
+            saved[s.path] = var.value
+            var.value = get_in(params, s.path)
+            for suffix in s.fam.carries:
+                _variable_at(model, s.var_path(suffix)).value = get_in(consts, s.var_path(suffix))
+        try:
+            yield model
+        finally:
+            for path, value in saved.items():
+                _variable_at(model, path).value = value
 
     # ------------------------------------------------------------------ grids and metrics
     def grid(self, layer: LayerSpec, params: dict, quant: dict, consts: dict) -> jax.Array:
@@ -418,7 +478,8 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
 
     Adds each selected kernel's variables to the model and, with `start`, starts them from the
     current weights (call ``reg.start(model)`` again later, e.g. after pre-training).
-    `settings`: k_max, range_mode, given_range, init, temperature, reduction, eta (see
+    `settings`: k_max, range_mode, given_range, init, temperature, reduction, eta,
+    dkm_temperature (see
     `Regularization.from_rules`). A rule that fully matches no parameter is an error.
 
     >>> from flax import nnx
@@ -509,8 +570,9 @@ def _check_rule(rule: Rule) -> None:
 
 
 def _check_settings(s: Settings, prefix: str = "") -> None:
-    if not s.temperature > 0:
-        raise ConfigError(f"{prefix}temperature must be > 0, got {s.temperature}")
+    for name in ("temperature", "dkm_temperature"):
+        if not getattr(s, name) > 0:
+            raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(s, name)}")
     if s.reduction not in REDUCTIONS:
         raise ConfigError(f"{prefix}reduction must be 'sum' or 'mean', got {s.reduction!r}")
     if s.range_mode not in RANGE_MODES:
@@ -533,3 +595,10 @@ def _module_at(model: nnx.Module, path: Path) -> nnx.Module:
     for key in path:
         node = node[key] if isinstance(key, int) else getattr(node, key)
     return node
+
+
+def _variable_at(model: nnx.Module, path: Path) -> nnx.Variable:
+    var = _module_at(model, path)
+    if not isinstance(var, nnx.Variable):
+        raise TypeError(f"{path_name(path)} is not an nnx.Variable: {type(var).__name__}")
+    return var

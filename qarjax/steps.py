@@ -69,11 +69,13 @@ def loss_fn(s: Steps, trainable, consts, batch_stats, images, labels, step, drop
     quantization params in one tree (`TrainState.trainable`)."""
     params = restrict(trainable, s.model.initial["params"])
     quant = restrict(trainable, s.model.initial["quant"])
+    active = s.model.reg.started(step)
 
     def ce_of(params):
         logits, new = s.model.apply(
-            params, quant, consts, batch_stats, images, train=True, dropout_key=dropout_key
-        )
+            params, quant, consts, batch_stats, images, train=True, dropout_key=dropout_key,
+            active=active,
+        )  # fmt: skip
         return cross_entropy(logits, labels, s.label_smoothing), (logits, new)
 
     ce, (logits, new) = ce_of(params)
@@ -124,15 +126,18 @@ def train_chunk(s: Steps, state: TrainState, arrays: dict, order, chunk):
     return state, sums
 
 
-def evaluate(s: Steps, params, quant, consts, batch_stats, arrays: dict):
-    """(summed test loss, correct predictions, test images) over the padded test split."""
+def evaluate(s: Steps, params, quant, consts, batch_stats, arrays: dict, active):
+    """(summed test loss, correct predictions, test images) over the padded test split;
+    `active`: whether the families' forward pass applies (see `ModelDef.merge`)."""
     shaped = lambda x: x.reshape(-1, s.eval_batch_size, *x.shape[1:])
 
     def one_batch(batch):
         x, y, m = batch
         x = jax.lax.with_sharding_constraint(x, s.batch_sharding)
         images = prepare(x, arrays, s.dtype)
-        logits, _ = s.model.apply(params, quant, consts, batch_stats, images, train=False)
+        logits, _ = s.model.apply(
+            params, quant, consts, batch_stats, images, train=False, active=active
+        )
         loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, logits.shape[-1]))
         return jnp.sum(loss * m), jnp.sum((jnp.argmax(logits, -1) == y) * m)
 
@@ -141,10 +146,10 @@ def evaluate(s: Steps, params, quant, consts, batch_stats, arrays: dict):
     return jnp.sum(losses), jnp.sum(correct), jnp.sum(arrays["test_mask"])
 
 
-def batch_statistics(s: Steps, params, quant, consts, batch_stats, arrays: dict, idx, key):
+def batch_statistics(s: Steps, params, quant, consts, batch_stats, arrays: dict, idx, key, active):
     """The batch-norm statistics of the training batch at `idx` under `params`, augmented as
-    in training."""
+    in training (`active`: as in `evaluate`)."""
     images = jax.lax.with_sharding_constraint(arrays["train_images"][idx], s.batch_sharding)
     aug_key, dropout_key = jax.random.split(key)
     images = prepare(images, arrays, s.dtype, aug_key, s.augmentation)
-    return s.model.batch_statistics(params, quant, consts, batch_stats, images, dropout_key)
+    return s.model.batch_statistics(params, quant, consts, batch_stats, images, dropout_key, active)

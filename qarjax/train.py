@@ -198,6 +198,16 @@ class Trainer:
         new = state.replace(quant=quant, consts=consts, opt_state=opt_state)
         return jax.device_put(new, self.replicated)
 
+    def compiled_memory(self, state: TrainState) -> dict[str, int]:
+        """XLA's memory analysis of the compiled train chunk, in bytes per device: arguments,
+        outputs, temporaries (activations, gradients, DKM's attention...) and generated code.
+        Compiles without running a step (e.g. to see whether a model, batch and K fit)."""
+        order = self._epoch_order(state.rng, jnp.int32(0))
+        lowered = self._train_chunk.lower(state, self.data.arrays, order, jnp.int32(0))
+        m = lowered.compile().memory_analysis()
+        names = ("argument", "output", "temp", "generated_code")
+        return {n: int(getattr(m, f"{n}_size_in_bytes", -1)) for n in names}
+
     # ------------------------------------------------------------------ train
     def train_epoch(self, state: TrainState, epoch: int, on_chunk=None) -> tuple[TrainState, dict]:
         """One epoch of training; returns the new state and its mean train metrics.
@@ -228,19 +238,26 @@ class Trainer:
 
     def batch_statistics(self, state: TrainState, params, indices, key) -> dict:
         """The batch-norm statistics of one training batch (`indices` into the training set)
-        under `params`, in train mode (augmentation and dropout as in training)."""
+        under `params` as they are (quantized params: no family's forward pass), in train
+        mode (augmentation and dropout as in training)."""
         idx = jnp.asarray(indices, jnp.int32)
         return self._batch_statistics(
-            params, state.quant, state.consts, state.batch_stats, self.data.arrays, idx, key
-        )
+            params, state.quant, state.consts, state.batch_stats, self.data.arrays, idx, key,
+            jnp.bool_(False),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, state: TrainState | None = None, *, params=None, batch_stats=None) -> dict:
-        """Test loss and accuracy of `state` (or of `params`/`batch_stats` replacing its own)."""
+        """Test loss and accuracy of `state` (or of `params`/`batch_stats` replacing its own).
+
+        The state's own params run through the families' forward pass once regularization
+        has started (DKM's soft reconstruction, LSQ's fake quantization: the model as it
+        trains); `params` given (quantized) run as they are."""
+        active = self.reg.started(state.step) if params is None else jnp.bool_(False)
         params = state.params if params is None else params
         batch_stats = state.batch_stats if batch_stats is None else batch_stats
         loss, correct, n = jax.device_get(
-            self._evaluate(params, state.quant, state.consts, batch_stats, self.data.arrays)
+            self._evaluate(params, state.quant, state.consts, batch_stats, self.data.arrays, active)
         )
         return {"loss": float(loss / n), "accuracy": float(correct / n)}
 
