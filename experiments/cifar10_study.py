@@ -61,8 +61,9 @@ METHODS = ["none", "sine", "cosine", "nearest", "softmin", "linf", "gradient_l1"
 BASELINE_LAMBDA = {"linf": 0.01, "gradient_l1": 0.01}
 # Step-time factors over the plain step, for --plan: measured on the 2-core CPU with
 # cnn_small (experiments/bench_regularizers.py: the paper's families 1.02-1.16 at K <= 32,
-# linf 1.02, gradient_l1 3.79). On a GPU they are unmeasured: these are the assumption.
-STEP_FACTOR = {"gradient_l1": 3.8}
+# linf 1.02, gradient_l1 3.79; dkm 1.23-1.33 and lsq 1.16-1.18 at K = 4-16). On a GPU they
+# are unmeasured: these are the assumption.
+STEP_FACTOR = {"gradient_l1": 3.8, "dkm": 1.3, "lsq": 1.2}
 DEFAULT_STEP_FACTOR = 1.1
 
 
