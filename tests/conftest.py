@@ -1,11 +1,24 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.environ.get("QARJAX_TEST_NO_COMPILE_CACHE"):
+    # One persistent compilation cache for the session, shared with the CLI subprocesses
+    # (they inherit the environment): the same programs (a model's train step, its
+    # evaluation...) compile once instead of once per Trainer and per process. Fresh per
+    # session, removed at exit.
+    _cache = tempfile.mkdtemp(prefix="qarjax_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
