@@ -216,13 +216,13 @@ def make_optimizer(cfg, reg, steps_per_epoch: int) -> optax.GradientTransformati
     return optimizer(weights, reg, reps_step=cfg.reg.reps_step, scalars_lr=cfg.reg.quant_lr)
 
 
-def reset_quant_state(tx: optax.GradientTransformation, opt_state, trainable: dict):
+def reset_quant_state(tx: optax.GradientTransformation, opt_state, trainable: dict, init=None):
     """Fresh optimizer state for the quantization params, keeping the weights' state.
 
     Used when regularization starts: the representatives were just initialized, so moments
     accumulated for their old values would be meaningless.
     """
-    fresh = tx.init(trainable)
+    fresh = (init or tx.init)(trainable)
     inner = dict(fresh.inner_states)
     inner["weights"] = opt_state.inner_states["weights"]
     return fresh._replace(inner_states=inner)

@@ -216,17 +216,24 @@ def quantize_params(
 def layers_from_params(params: dict, quantized: dict[str, QuantizedLayer]):
     """Re-reads the layers' codebooks from a params tree whose kernels were updated in place
     (after tuning): indices stay, each codeword is the value its weights now share."""
-    out = {}
-    for name, layer in quantized.items():
-        flat = jnp.ravel(get_in(params, layer.path))
-        idx = jnp.ravel(layer.indices)
-        first = (
-            jnp.full((layer.k,), flat.shape[0], jnp.int32).at[idx].min(jnp.arange(flat.shape[0]))
+    return {
+        name: QuantizedLayer(
+            layer.path,
+            layer.indices,
+            _shared_values(get_in(params, layer.path), layer.indices, layer.codebook),
         )
-        used = first < flat.shape[0]
-        codebook = jnp.where(used, flat[jnp.minimum(first, flat.shape[0] - 1)], layer.codebook)
-        out[name] = QuantizedLayer(layer.path, layer.indices, codebook)
-    return out
+        for name, layer in quantized.items()
+    }
+
+
+@jax.jit
+def _shared_values(w, indices, codebook) -> jax.Array:
+    """Each codeword's value read off the weights that point to it (the first such weight;
+    an unused codeword keeps its value)."""
+    flat, idx = jnp.ravel(w), jnp.ravel(indices)
+    n, k = flat.shape[0], codebook.shape[0]
+    first = jnp.full((k,), n, jnp.int32).at[idx].min(jnp.arange(n, dtype=jnp.int32))
+    return jnp.where(first < n, flat[jnp.minimum(first, n - 1)], codebook)
 
 
 def distinct_values(w) -> int:

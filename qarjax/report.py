@@ -66,7 +66,8 @@ def plot_weights(path: Path, params: dict, quantized: dict, title: str, tuned=No
     drawn = {}
     for ax, (name, layer) in zip(axes.flat, quantized.items(), strict=False):
         w = np.asarray(get_in(params, layer.path)).ravel()
-        ax.hist(w, bins=120, color="0.35")
+        counts, edges = np.histogram(w, bins=120)
+        ax.stairs(counts, edges, fill=True, color="0.35")  # one artist, not 120 bars
         drawn[name] = {"grid": np.asarray(layer.codebook).tolist()}
         for value in drawn[name]["grid"]:
             ax.axvline(value, color="tab:red", lw=1)

@@ -131,7 +131,7 @@ def tune(
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     k_max = max(q.levels().values())
     tx = codebook_adam([layer.path for layer in q.layers.values()], learning_rate, k_max=k_max)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
 
     @jax.jit
     def step(params, rest, opt_state, batch):

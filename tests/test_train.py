@@ -55,9 +55,10 @@ def test_step_compiles_once_across_epochs_and_regularization_start(tiny_config):
     assert trainer.trace_count == 1
 
 
-def test_resume_repeats_the_uninterrupted_run(tiny_config, tmp_path):
+@pytest.mark.parametrize("family", ["softmin", "dkm"])  # dkm: centroids carried in consts
+def test_resume_repeats_the_uninterrupted_run(tiny_config, tmp_path, family):
     tiny_config.num_epochs = 3
-    tiny_config.reg.family = "softmin"
+    tiny_config.reg.family = family
     tiny_config.reg.start_epoch = 1
     tiny_config.dropout = 0.2  # dropout randomness must also repeat
     dataset = make_dataset()
@@ -67,6 +68,7 @@ def test_resume_repeats_the_uninterrupted_run(tiny_config, tmp_path):
     resumed = fit(tiny_config, tmp_path / "split", dataset=dataset, resume=True)
     _assert_trees_close(whole.state.params, resumed.state.params, rtol=1e-6, atol=1e-7)
     _assert_trees_close(whole.state.quant, resumed.state.quant, rtol=1e-6, atol=1e-7)
+    _assert_trees_close(whole.state.consts, resumed.state.consts, rtol=1e-6, atol=1e-7)
     assert resumed.summary["test_accuracy"] == whole.summary["test_accuracy"]
     epochs = [r["epoch"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")]
     assert epochs == [1, 2, 3]
