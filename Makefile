@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/python experiments/demo.py --workdir runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --durations=15
 
 test-all: install
 	$(BIN)/python -m pytest -q

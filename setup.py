@@ -28,6 +28,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "scikit-learn>=1.4",
             "ruff>=0.6",
