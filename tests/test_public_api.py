@@ -17,15 +17,17 @@ from qarjax.errors import ArtifactError, ConfigError
 
 
 def test_readme_quick_tour_runs_as_written(tmp_path, monkeypatch):
-    """Every Python block of the README's quick tour, in order (test_compress runs the
-    file-format recipe, which needs a saved CNN)."""
+    """Every Python block of the README's quick tour, in order, in one namespace as a reader
+    runs them in one session (test_compress runs the file-format recipe, which needs a saved
+    CNN)."""
     monkeypatch.chdir(tmp_path)  # the tour writes its model file into the working directory
     readme = (REPO / "README.md").read_text()
     tour = readme.split("## A quick tour", 1)[1].split("### Command line", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", tour, re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
+    namespace = {"__name__": "readme"}
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+        exec(compile(block, "README.md", "exec"), namespace)
 
 
 class MLP(nnx.Module):
