@@ -282,13 +282,22 @@ class GradientL1(Family):
     needs_loss = True
 
 
+class _ForwardFamily(Family):
+    """dkm / lsq: the method lives in the forward pass (`forward`), no penalty; quantized to
+    its own grid."""
+
+    has_grid = True
+
+    def value(self, w, v, s):
+        return jnp.zeros((), jnp.float32)
+
+
 @register
-class Lsq(Family):
+class Lsq(_ForwardFamily):
     """LSQ (Esser et al. 2020): the kernel fake-quantized to K uniform levels of a trained
     step s in the forward pass (straight-through rounding, the paper's step gradient)."""
 
     name = "lsq"
-    has_grid = True
     suffixes = ("k", "step")
 
     def variables(self, size):
@@ -296,9 +305,6 @@ class Lsq(Family):
 
     def start(self, w, k, rng, s, size):
         return {"k": jnp.int32(k), "step": lsq.init_step(w, k).astype(jnp.float32)}
-
-    def value(self, w, v, s):  # the method lives in the forward pass: no penalty
-        return jnp.zeros((), jnp.float32)
 
     def forward(self, w, v, s):
         return lsq.fake_quantize(w, _positive(v["step"]), v["k"]), {}
@@ -315,7 +321,7 @@ def _positive(step):
 
 
 @register
-class Dkm(Family):
+class Dkm(_ForwardFamily):
     """DKM (Cho et al. 2022): the kernel replaced by its soft reconstruction over K centroids
     solved by soft k-means in the forward pass (tau = t h, t = `dkm_temperature`, h the
     centroids' mean spacing: t = 0.1 is about as soft as coremltools' default tau = 1e-4 on
@@ -323,7 +329,6 @@ class Dkm(Family):
     the solved centroids start the next step's solve."""
 
     name = "dkm"
-    has_grid = True
     suffixes = ("k", "centroids")
     carries = ("centroids",)
 
@@ -333,9 +338,6 @@ class Dkm(Family):
     def start(self, w, k, rng, s, size):
         centroids, _ = dkm.init_centroids(jnp.ravel(w).astype(jnp.float32), k, size)
         return {"k": jnp.int32(k), "centroids": centroids}
-
-    def value(self, w, v, s):
-        return jnp.zeros((), jnp.float32)
 
     def forward(self, w, v, s):
         c, mask = v["centroids"], dkm.centroid_mask(v["k"], v["centroids"].shape[-1])

@@ -369,6 +369,10 @@ class Regularization:
         tree = as_tree(model)
         return self.terms(tree, tree, tree, step)[0]
 
+    def _forward_layers(self) -> list[LayerSpec]:
+        """The layers whose family changes the forward pass (dkm, lsq)."""
+        return [s for s in self.layers if type(s.fam).forward is not Family.forward]
+
     def started(self, step: jax.Array) -> jax.Array:
         """Whether regularization has started at `step` (a bool scalar)."""
         return jnp.asarray(step) >= self.start_step
@@ -378,10 +382,8 @@ class Regularization:
         `consts` with the values the forward pass carries to the next step): both unchanged
         for the penalty families, and for every family while `active` (a bool, or a traced
         bool scalar: `started(step)`) is false."""
-        for s in self.layers:
+        for s in self._forward_layers():
             fam = s.fam
-            if type(fam).forward is Family.forward:
-                continue
             v = self._vars(s, quant, consts)
             fwd = lambda w, v=v, fam=fam: fam.forward(w, v, self.settings)
             if active is True:
@@ -421,9 +423,7 @@ class Regularization:
         tree = as_tree(model)
         params, consts = self.forward(tree, tree, tree)
         saved = {}
-        for s in self.layers:
-            if type(s.fam).forward is Family.forward:
-                continue
+        for s in self._forward_layers():
             var = _variable_at(model, s.path)
             saved[s.path] = var.value
             var.value = get_in(params, s.path)
