@@ -24,6 +24,7 @@ test-all: install
 	$(BIN)/python -m pytest -q
 
 bench: install
+	cd experiments && ../$(BIN)/python bench_step.py --out ../runs/bench_step.json
 	$(BIN)/python experiments/bench_train.py --out runs/bench_train.json
 	$(BIN)/python experiments/bench_regularizers.py --out runs/bench_regularizers.json
 	$(BIN)/python experiments/bench_quantize.py --out runs/bench_quantize.json

@@ -20,16 +20,21 @@ model is stored in about log2(K) bits per weight. The public API, on any Flax NN
 The math: docs/regularizers.md. The command line, configs and the CIFAR-10 study: README.md.
 """
 
-from qarjax.compress import load_model as load
-from qarjax.compress import save_model as save
-from qarjax.families import Family
-from qarjax.families import register as register_family
-from qarjax.models import register_model
-from qarjax.optim import decoupled_pull, optimizer
-from qarjax.quantize import QuantizedModel, quantize
-from qarjax.regularization import Regularization, Rule, attach
-from qarjax.representatives import TRAINABLE, QuantParam, Representatives
-from qarjax.tune import tune
+from qarjax import xla_defaults
+
+xla_defaults.install_env_defaults()  # before JAX starts its CPU backend, where possible
+
+from qarjax.compress import load_model as load  # noqa: E402
+from qarjax.compress import save_model as save  # noqa: E402
+from qarjax.families import Family  # noqa: E402
+from qarjax.families import register as register_family  # noqa: E402
+from qarjax.models import register_model  # noqa: E402
+from qarjax.optim import decoupled_pull, optimizer  # noqa: E402
+from qarjax.quantize import QuantizedModel, quantize  # noqa: E402
+from qarjax.regularization import Regularization, Rule, attach  # noqa: E402
+from qarjax.representatives import TRAINABLE, QuantParam, Representatives  # noqa: E402
+from qarjax.tune import tune  # noqa: E402
+from qarjax.xla_defaults import compiler_options as cpu_compiler_options  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -42,6 +47,7 @@ __all__ = [
     "Representatives",
     "Rule",
     "attach",
+    "cpu_compiler_options",
     "decoupled_pull",
     "load",
     "optimizer",

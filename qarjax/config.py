@@ -84,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
             model="cnn_small",
+            model_width=1.0,  # scales the layers of models with a width option (vgg16)
             dataset="cifar10_mini",
             data_dir="",
             seed=0,
@@ -105,6 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
             dropout=-1.0,  # < 0: the model's default
             compute_dtype="float32",
             augment=default_augment_config(),
+            holdout=0,  # training images held out (a fixed draw); 0: none
+            eval_split="test",  # what evaluation reads: test, or holdout (a validation set)
             dataset_channels=0,  # image channels: 0 = as the data has them, 1 = gray, 3 = RGB
             scan_steps=-1,  # train steps per jitted call; -1: 50 on accelerators, 1 on CPU
             scan_mode="auto",  # auto: lax.scan on accelerators, unrolled on CPU; scan; unroll

@@ -45,6 +45,7 @@ class ModelDef:
             seed=config.seed,
             dtype=dtype,
             dropout=None if config.dropout < 0 else config.dropout,
+            width=config.model_width,
         )
         plain = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         reg = Regularization.from_config(

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from qarjax import data as data_lib
 from qarjax import steps as steps_lib
+from qarjax import xla_defaults
 from qarjax.device_data import DeviceData, epoch_order, put_replicated
 from qarjax.errors import ConfigError, NonFiniteLossError
 from qarjax.model_def import ModelDef
@@ -63,6 +64,12 @@ def chunking(batches: int, wanted: int) -> tuple[int, int]:
     chunks = -(-batches // max(1, min(wanted, batches)))
     size = batches // chunks
     return size, size * chunks
+
+
+@jax.jit
+def _accumulate(totals: dict, sums: dict) -> dict:
+    """Adds a chunk's summed metrics to the epoch's; ``finite`` stays true while all were."""
+    return {k: totals[k] & sums[k] if k == "finite" else totals[k] + sums[k] for k in totals}
 
 
 class Trainer:
@@ -141,9 +148,12 @@ class Trainer:
             eval_batch_size=self.data.eval_batch_size,
         )
         self.trace_count = 0
-        self._train_chunk = jax.jit(self._counted_chunk, donate_argnums=(0,))
-        self._evaluate = jax.jit(functools.partial(steps_lib.evaluate, self.steps))
-        self._batch_statistics = jax.jit(functools.partial(steps_lib.batch_statistics, self.steps))
+        # qarjax's measured XLA options for this platform (on a CPU: qarjax.xla_defaults)
+        jit = functools.partial(jax.jit, compiler_options=xla_defaults.compiler_options(
+            self.mesh.devices.flat[0].platform))  # fmt: skip
+        self._train_chunk = jit(self._counted_chunk, donate_argnums=(0,))
+        self._evaluate = jit(functools.partial(steps_lib.evaluate, self.steps))
+        self._batch_statistics = jit(functools.partial(steps_lib.batch_statistics, self.steps))
         self._epoch_order = jax.jit(
             functools.partial(
                 epoch_order,
@@ -220,18 +230,27 @@ class Trainer:
         """
         order = self._epoch_order(state.rng, jnp.int32(epoch))
         totals = None
+        # The sums stay on the device until the epoch ends, and the host waits for a call
+        # only once the next one is queued: reading every call's sums would leave the device
+        # idle while the host dispatches the next call (on a CPU, one step per call, that
+        # is every step). A non-finite loss is still caught before the epoch's checkpoint.
+        previous = None
         for chunk in range(self.steps_per_epoch // self.scan_steps):
             state, sums = self._train_chunk(state, self.data.arrays, order, jnp.int32(chunk))
-            sums = jax.device_get(sums)
-            if not bool(sums["finite"]):
-                step = int(jax.device_get(state.step))
-                raise NonFiniteLossError(
-                    f"non-finite loss in epoch {epoch + 1} (by step {step}); stopped, the last "
-                    "good checkpoint is kept"
-                )
-            totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
-            if on_chunk is not None:
+            totals = sums if totals is None else _accumulate(totals, sums)
+            if previous is not None:
+                jax.block_until_ready(previous)  # one call in flight: progress stays true
+            previous = sums
+            if on_chunk is not None and chunk:
                 on_chunk(self.scan_steps)
+        jax.block_until_ready(previous)
+        if on_chunk is not None:
+            on_chunk(self.scan_steps)
+        totals = jax.device_get(totals)
+        if not bool(totals["finite"]):
+            raise NonFiniteLossError(
+                f"non-finite loss in epoch {epoch + 1}; stopped, the last good checkpoint is kept"
+            )
         steps = self.steps_per_epoch
         return state, {
             "loss": float(totals["loss"]) / steps,

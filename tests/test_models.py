@@ -39,3 +39,38 @@ def test_other_image_sizes():
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown model 'resnet9'"):
         create_model("resnet9", num_classes=10)
+
+
+def test_max_pool_matches_reduce_window_values_and_gradients():
+    """The reshape form (for its CPU speed) is the same pooling: values, and gradients where
+    no window holds a tie; rows and columns past a whole window are dropped ('VALID')."""
+    import jax
+
+    from qarjax.models.layers import max_pool
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3), jnp.float32)  # odd: remainders
+    reference = lambda x: jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
+    assert jnp.array_equal(max_pool(x), reference(x))
+    probe = jax.random.normal(jax.random.key(1), reference(x).shape)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * probe))(x)
+    assert jnp.array_equal(grad(max_pool), grad(reference))
+
+
+def test_vgg16_width_scales_every_layer():
+    model = nnx.eval_shape(lambda: create_model("vgg16", num_classes=10, width=0.25))
+    assert count_params(model) == 956_154  # configs/vgg16_narrow_cifar10.py's model
+    assert model.features[0].conv.kernel.value.shape == (3, 3, 3, 16)
+    assert model.features[-1].conv.kernel.value.shape == (3, 3, 128, 128)
+    assert len(model.features) == 13
+
+
+@pytest.mark.parametrize(
+    "name, width, message",
+    [("cnn_small", 0.5, "has no width option"), ("vgg16", 0.0, r"model_width must be in"),
+     ("vgg16", float("nan"), "model_width must be in"), ("vgg16", 17, "model_width must be in")],
+)  # fmt: skip
+def test_bad_widths_are_refused(name, width, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model(name, num_classes=10, width=width)

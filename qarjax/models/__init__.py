@@ -6,6 +6,7 @@ stay float32. Dropout draws its randomness from the ``rngs`` passed at call time
 step owns all randomness and a resumed run repeats it exactly.
 """
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -48,11 +49,19 @@ def create_model(
     seed: int = 0,
     dtype=jnp.float32,
     dropout: float | None = None,
+    width: float = 1.0,
 ) -> nnx.Module:
-    """Builds the named model for images of `image_shape` (H, W, C), params drawn from `seed`."""
+    """Builds the named model for images of `image_shape` (H, W, C), params drawn from `seed`;
+    `width` scales the layers of a model that takes a ``width`` argument (vgg16)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
     kwargs = {} if dropout is None else {"dropout": dropout}
+    if not (isinstance(width, int | float) and 0 < width <= 16):
+        raise ConfigError(f"model_width must be in (0, 16], got {width!r}")
+    if width != 1.0:
+        if "width" not in inspect.signature(MODELS[name].__init__).parameters:
+            raise ConfigError(f"model {name!r} has no width option (model_width {width})")
+        kwargs["width"] = width
     return MODELS[name](
         num_classes=num_classes,
         image_shape=tuple(image_shape),

@@ -6,10 +6,23 @@ from flax import nnx
 
 
 def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
-    """Non-overlapping max pooling over the spatial axes of an NHWC array."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, size, size, 1), "VALID"
-    )
+    """Non-overlapping max pooling over the spatial axes of an NHWC array ('VALID': rows and
+    columns past a whole window are dropped).
+
+    Written as a reshape and a max over the window axes rather than `lax.reduce_window`: the
+    forward pass is the same, and the gradient becomes an elementwise compare-and-select
+    instead of XLA's `select_and_scatter`, which on a CPU cost 40% of the small CNN's train
+    step (0.103 -> 0.061 s at batch 128, results/bench_step_cpu.json). A tie inside a window
+    shares the gradient equally where `select_and_scatter` gives it to the first; after a
+    ReLU the only ties are zeros, whose gradient the ReLU stops anyway.
+
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> max_pool(x)[0, :, :, 0].tolist()
+    [[5.0, 7.0], [13.0, 15.0]]
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h // size * size, : w // size * size, :]
+    return x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
 
 
 class ConvBlock(nnx.Module):

@@ -1,0 +1,85 @@
+"""XLA:CPU options that qarjax measured to be faster, applied without flags.
+
+XLA:CPU (jaxlib 0.10) hands convolutions, matrix products, elementwise ops and reductions to
+the YNNPACK library. Keeping YNNPACK for reductions only, with convolutions back on XLA's
+Eigen path, made the train step 1.2-1.3x faster on every model qarjax ships, measured on a
+2-core AMD EPYC (Zen 4) with experiments/bench_step.py: cnn_small 60 -> 50 ms, resnet20
+760 -> 640 ms, vgg16 at width 1/4 335 -> 254 ms per batch of 128. The profile says why: with
+YNNPACK's convolutions, XLA fuses the recomputed batch-norm/ReLU chain of a whole residual
+stage into the transposes that feed each weight-gradient convolution, which then run with
+strided memory access (one such transpose took 60-90 ms of ResNet-20's step); YNNPACK's
+elementwise fusions avoid that but split batch norm into one memory pass per op (worse for
+the small CNN). The table of every option tried is in README.md ("Speed on a CPU").
+
+Two entry points, one setting:
+- `compiler_options()`: the options for ``jax.jit(..., compiler_options=...)``, which the
+  Trainer (train, eval and tuning steps) uses: checked once against the running jaxlib, so
+  an XLA that does not know them gets none (an unknown XLA_FLAGS entry aborts the process,
+  an unknown compiler option only raises).
+- `install_env_defaults()`, run by ``import qarjax``: adds the same setting to XLA_FLAGS for
+  the jaxlib versions it was measured on, so a user's own ``nnx.jit`` loop gets it too when
+  qarjax is imported before JAX starts its CPU backend.
+
+Either is skipped when XLA_FLAGS already names the option (yours wins), and both are off with
+``QARJAX_XLA_DEFAULTS=0``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+OPTION = "xla_cpu_experimental_ynn_fusion_type"
+VALUE = "LIBRARY_FUSION_TYPE_REDUCE"  # the compiler-option spelling of XLA_FLAGS' "reduce"
+ENV_FLAG = f"--{OPTION}=reduce"
+MEASURED_JAXLIB = ("0.10.",)  # versions whose XLA knows the option and was measured
+
+
+# Read before install_env_defaults adds it: whether the user set the option themselves.
+_USER_SET = OPTION in os.environ.get("XLA_FLAGS", "")
+
+
+def _wanted() -> bool:
+    return os.environ.get("QARJAX_XLA_DEFAULTS", "1") != "0" and not _USER_SET
+
+
+def install_env_defaults() -> bool:
+    """Adds the CPU option to XLA_FLAGS (see the module docstring); True if it did."""
+    try:
+        from jaxlib import version as jaxlib_version
+    except ImportError:
+        return False
+    if not _wanted() or OPTION in os.environ.get("XLA_FLAGS", ""):
+        return False
+    if not jaxlib_version.__version__.startswith(MEASURED_JAXLIB):
+        return False
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ENV_FLAG).strip()
+    return True
+
+
+@functools.cache
+def _supported(platform: str) -> bool:
+    import jax
+    import jax.numpy as jnp
+
+    if platform != "cpu" or not _wanted():
+        return False
+    try:
+        jax.jit(lambda x: x + 1, compiler_options={OPTION: VALUE})(jnp.zeros(()))
+    except Exception:  # an XLA without the option (or another spelling of its values)
+        return False
+    return True
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str]:
+    """The measured XLA options for jitting on `platform` (default: JAX's default backend):
+    ``{}`` off the CPU, where XLA lacks the option, or where XLA_FLAGS sets it already.
+
+    >>> compiler_options("gpu")
+    {}
+    """
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return {OPTION: VALUE} if _supported(platform) else {}
