@@ -51,8 +51,14 @@ from qarjax.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 K_FREE = ("none", "linf", "gradient_l1")  # training does not depend on K
+SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SCALES = {
     "cpu": {"models": ["cnn_small"], "config": "demo.py", "ks": [2, 4, 8], "train_size": 5000},
+    # all of CIFAR-10 on the CPU: ResNet-20 and VGG16 at a quarter of its width
+    "cpu-full": {"models": ["vgg16", "resnet20"], "ks": [2, 4, 8], "train_size": 50000,
+                 "config": {"vgg16": "vgg16_narrow_cifar10.py",
+                            "resnet20": "resnet20_cifar10.py"},
+                 "dataset": f"imagefolder:{SHARED_CIFAR10}"},
     "gpu": {"models": ["vgg16", "alexnet"], "config": None, "ks": [2, 4, 8, 16],
             "train_size": 50000},
 }  # fmt: skip
@@ -107,11 +113,13 @@ def ordered_cells(args) -> list[Cell]:
 
 
 def base_config(model: str, family: str, args):
-    name = SCALES[args.scale]["config"] or f"{model}_cifar10.py"
+    scale = SCALES[args.scale]
+    name = scale["config"] or f"{model}_cifar10.py"
+    name = name[model] if isinstance(name, dict) else name
     config = load_config(str(ROOT / "configs" / name), family)
     config.model, config.progress, config.tensorboard = model, False, False
-    if args.dataset:
-        config.dataset = args.dataset
+    if args.dataset or scale.get("dataset"):
+        config.dataset = args.dataset or scale["dataset"]
     if args.epochs:  # the regularized phase keeps its share of the run
         share = config.reg.start_epoch / config.num_epochs
         config.num_epochs = args.epochs
@@ -136,7 +144,11 @@ class Sweep:
 
     def data(self, config):
         if self.dataset is None:
-            self.dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+            self.dataset = load_dataset(
+                config.dataset, data_dir=config.data_dir or None,
+                channels=config.dataset_channels, holdout=config.holdout,
+                eval_split=config.eval_split,
+            )  # fmt: skip
         return self.dataset
 
     def config_for(self, cell: Cell):

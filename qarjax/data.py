@@ -84,12 +84,61 @@ class Dataset:
         return self.train_images.reshape(-1, self.image_shape[-1]).std(0).astype(np.float32)
 
 
+EVAL_SPLITS = ("test", "holdout")
+HOLDOUT_SEED = 20_260_101  # one fixed draw: every run of a study holds out the same images
+
+
+def with_holdout(dataset: Dataset, n: int, eval_split: str = "test") -> Dataset:
+    """`dataset` with `n` training images held out (a fixed seeded draw, the same for every
+    run): it trains on the rest; with ``eval_split="holdout"`` the held-out images replace
+    the test split (a validation set for choosing settings, never the test set).
+
+    Runs with the same `n` train on identical data in the same order whatever their
+    `eval_split`, so a search on the held-out images and the final runs can branch off one
+    plain run.
+
+    >>> d = Dataset("d", np.zeros((10, 2, 2, 1), np.uint8), np.arange(10, dtype=np.int32),
+    ...             np.zeros((3, 2, 2, 1), np.uint8), np.zeros(3, np.int32), ("a",))
+    >>> v = with_holdout(d, 4, "holdout")
+    >>> len(v.train_labels), len(v.test_labels), sorted({*v.train_labels, *v.test_labels})
+    (6, 4, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
+    if eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"holdout must be a whole number >= 0, got {n!r}")
+    if n == 0:
+        if eval_split == "holdout":
+            raise ConfigError("eval_split 'holdout' needs holdout > 0 (images to hold out)")
+        return dataset
+    total = len(dataset.train_labels)
+    if n >= total:
+        raise ConfigError(f"holdout {n} leaves none of the {total} training images to train on")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(total)
+    held, kept = np.sort(order[:n]), np.sort(order[n:])
+    out = dataclasses.replace(
+        dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept]
+    )
+    if eval_split == "holdout":
+        out = dataclasses.replace(
+            out, test_images=dataset.train_images[held], test_labels=dataset.train_labels[held]
+        )
+    return out
+
+
 def load_dataset(
-    name: str, *, data_dir: str | None = None, cache_dir: str | None = None, channels: int = 0
+    name: str,
+    *,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    channels: int = 0,
+    holdout: int = 0,
+    eval_split: str = "test",
 ) -> Dataset:
     """Loads a dataset by name (see the module docstring for the names).
 
     `channels`: 0 keeps the data's own (gray folders: 1), 1 or 3 converts to that many.
+    `holdout`, `eval_split`: see `with_holdout`.
     """
     if channels not in CHANNELS or isinstance(channels, bool):
         raise ConfigError(f"dataset_channels must be one of {CHANNELS}, got {channels!r}")
@@ -111,7 +160,7 @@ def load_dataset(
             train_images=to_channels(dataset.train_images, channels),
             test_images=to_channels(dataset.test_images, channels),
         )
-    return dataset
+    return with_holdout(dataset, holdout, eval_split)
 
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:

@@ -195,7 +195,11 @@ def fit(
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     if trainer is None:
         dataset = dataset or load_dataset(
-            config.dataset, data_dir=config.data_dir or None, channels=config.dataset_channels
+            config.dataset,
+            data_dir=config.data_dir or None,
+            channels=config.dataset_channels,
+            holdout=config.holdout,
+            eval_split=config.eval_split,
         )
         trainer = Trainer(config, dataset)
     else:

@@ -180,7 +180,11 @@ def tune_stage(config, dataset, q: QuantizedModel, trainer=None) -> QuantizedMod
 
 def _dataset(config):
     return load_dataset(
-        config.dataset, data_dir=config.data_dir or None, channels=config.dataset_channels
+        config.dataset,
+        data_dir=config.data_dir or None,
+        channels=config.dataset_channels,
+        holdout=config.holdout,
+        eval_split=config.eval_split,
     )
 
 

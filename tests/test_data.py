@@ -237,3 +237,30 @@ def test_grayscale_folder_trains_with_one_channel_and_logs_its_augmentation(
         f"augmentation: random crop after 2-pixel padding ({tiny_config.dataset}'s default), "
         "random horizontal flip (the config)"
     )
+
+
+def test_holdout_is_a_fixed_disjoint_draw_and_both_splits_train_alike():
+    from qarjax.data import with_holdout
+
+    d = make_dataset(n_train=100, n_test=20)
+    d = dataclasses.replace(d, train_labels=np.arange(100, dtype=np.int32))  # ids as labels
+    final, search = with_holdout(d, 10, "test"), with_holdout(d, 10, "holdout")
+    assert np.array_equal(final.train_labels, search.train_labels)  # one plain run serves both
+    assert np.array_equal(final.train_images, search.train_images)
+    assert np.array_equal(final.test_labels, d.test_labels)  # the test set stays untouched
+    held = set(search.test_labels.tolist())
+    assert len(held) == 10 and not held & set(search.train_labels.tolist())
+    assert np.array_equal(with_holdout(d, 10, "holdout").test_labels, search.test_labels)
+    assert with_holdout(d, 0) is d
+
+
+@pytest.mark.parametrize(
+    "n, split, message",
+    [(-1, "test", "whole number >= 0"), (2.5, "test", "whole number"), (100, "test", "leaves none"),
+     (0, "holdout", "needs holdout > 0"), (5, "val", "eval_split must be one of")],
+)  # fmt: skip
+def test_bad_holdouts_are_refused(n, split, message):
+    from qarjax.data import with_holdout
+
+    with pytest.raises(ConfigError, match=message):
+        with_holdout(make_dataset(n_train=100), n, split)
