@@ -20,11 +20,22 @@ from qarjax.errors import QarjaxError
 from qarjax.trees import keypath_name, leaves_with_paths, name_map, path_name
 
 
+def complete_steps(manager: ocp.CheckpointManager, directory: Path) -> list[int]:
+    """The saved epochs whose checkpoint orbax finished (its metadata written), ascending: a
+    stray or emptied folder named like an epoch (``checkpoints/99``) is not a checkpoint."""
+
+    def complete(step: int) -> bool:
+        folder = directory / str(step)
+        return not folder.is_dir() or (folder / "_CHECKPOINT_METADATA").is_file()
+
+    return sorted(s for s in manager.all_steps() if complete(s))
+
+
 def _restore_raw(workdir: str | Path, epoch: int | None, what: str) -> dict:
     """The saved train state of another run at `epoch` (None: its latest), as saved."""
     directory = Path(workdir).absolute() / "checkpoints"
     manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
-    have = sorted(manager.all_steps()) if manager else []
+    have = complete_steps(manager, directory) if manager else []
     if epoch is None and have:
         epoch = have[-1]
     if epoch is None or epoch not in have:
@@ -119,7 +130,9 @@ class Checkpointer:
         )
 
     def latest_epoch(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest finished checkpoint's epoch (see `complete_steps`), None if none."""
+        steps = complete_steps(self.manager, self.directory)
+        return steps[-1] if steps else None
 
     def save(self, epoch: int, state: Any) -> None:
         self.manager.save(epoch, args=ocp.args.StandardSave(state))

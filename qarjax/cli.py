@@ -19,7 +19,9 @@ import dataclasses
 import difflib
 import os
 import re
+import signal
 import sys
+import threading
 
 from absl import flags
 from ml_collections import config_flags
@@ -200,16 +202,41 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) > 1 and argv[0] in COMMANDS and ("--help" in argv or "-h" in argv):
         print(command_help(argv[0]), end="")
         return 0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
         run_command(parse_command_line(argv))
     except QarjaxError as e:  # one line, whatever the message (e.g. a library's) holds
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"qarjax: error: {message}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"qarjax: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("qarjax: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
+
+
+# Clusters and preemptible machines stop jobs with SIGTERM (SIGHUP: a closed terminal): both
+# unwind like Ctrl-C, so the checkpoint being written is finished and the lock released.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised by the handler of a STOP_SIGNALS signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
 
 
 if __name__ == "__main__":

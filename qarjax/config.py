@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
+import math
 from pathlib import Path
 
 import ml_collections
@@ -204,6 +205,58 @@ def check_key(config: ml_collections.ConfigDict, key: str) -> None:
         closest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
         hint = f": the closest key is {closest[0]!r}" if closest else ""
         raise ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key: (test, what the value must be). The keys no other check reads: the regularizer's
+# (qarjax.regularization), the data's (qarjax.data), the model's and the Trainer's own
+# (batch size, epochs, dtype, scan mode) are checked where they are used.
+RANGES = {
+    "learning_rate": (lambda v: _number(v) and v > 0, "> 0 and finite"),
+    "momentum": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, ">= 0 and finite"),
+    "grad_clip": (lambda v: _number(v) and v >= 0, ">= 0 and finite (0: off)"),
+    "lr_decay_factor": (lambda v: _number(v) and v > 0, "> 0 and finite"),
+    "warmup_epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    "dropout": (lambda v: _number(v) and (v < 0 or v < 1), "in [0, 1) (< 0: the model's)"),
+    "eval_batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "scan_steps": (lambda v: _whole(v) and (v == -1 or v >= 1), "-1 (auto) or >= 1"),
+    "seed": (lambda v: _whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32)"),
+    "reg.warmup_epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "reg.temperature": (lambda v: _number(v) and v > 0, "> 0 and finite"),
+    "reg.dkm_temperature": (lambda v: _number(v) and v > 0, "> 0 and finite"),
+    "reg.reps_step": (lambda v: _number(v) and v > 0, "> 0 and finite"),
+    "reg.quant_lr": (lambda v: _number(v) and v > 0, "> 0 and finite"),
+}
+
+
+def check_ranges(config) -> None:
+    """Every key of RANGES in its range, and the warm-up no longer than the run: one line
+    naming the key, before anything is built (the Trainer calls it first)."""
+    for key, (test, what) in RANGES.items():
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if not test(node):
+            raise ConfigError(f"{key} must be {what}, got {_short(node)}")
+    if config.warmup_epochs > config.num_epochs:
+        raise ConfigError(
+            f"warmup_epochs={config.warmup_epochs} is longer than the run "
+            f"(num_epochs={config.num_epochs})"
+        )
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_loop_config(config) -> None:

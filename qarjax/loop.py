@@ -15,6 +15,8 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +54,33 @@ TRAINER_FREE_KEYS = {
 }  # fmt: skip
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def deferred_stop():
+    """Holds SIGINT, SIGTERM and SIGHUP until the block ends, then delivers the first one to
+    the handler it would have reached: a stop never falls between an epoch's metrics line and
+    the start of its checkpoint (the checkpoint itself is finished on the way out of `fit`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in STOP_SIGNALS}  # fmt: skip
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])
+
+
 def check_writable(workdir: Path) -> None:
     """Refuses a workdir that cannot be created or written, before any work is done."""
     for parent in workdir.parents:
@@ -68,8 +97,9 @@ def check_writable(workdir: Path) -> None:
         raise QarjaxError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
-def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuses a workdir that holds a run unless resuming or overwriting."""
+def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool, clear: bool = True) -> None:
+    """Refuses a workdir that holds a run unless resuming or overwriting; with `clear`, an
+    overwrite then removes the old run (`fit` clears only once every check has passed)."""
     check_writable(workdir)
     has_run = workdir.is_dir() and any((workdir / m).exists() for m in RUN_MARKERS)
     if has_run and not (resume or overwrite):
@@ -77,13 +107,62 @@ def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool) -> None:
             f"workdir {workdir} already holds a run: pass --resume to continue it or "
             "--overwrite to replace it"
         )
-    if has_run and overwrite and not resume and jax.process_index() == 0:
+    if clear and has_run and overwrite and not resume and jax.process_index() == 0:
         for marker in RUN_OUTPUTS:
             path = workdir / marker
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+
+
+# What a resumed run may change: how the loop reports and keeps checkpoints, K (data in the
+# step), where it branched from, and quant.* (the later stages').
+RESUME_FREE_KEYS = TRAINER_FREE_KEYS
+
+
+def check_resume_config(workdir: Path, config) -> None:
+    """Refuses to resume a run under a config that trains differently from the one it was
+    started with (config.json): a longer num_epochs would retrain a finished run, another
+    learning rate would continue it as a different run. Keys absent from the old file (added
+    to qarjax later) are not compared."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QarjaxError(f"cannot resume: {path} is not a readable config ({e})") from None
+    if not isinstance(saved, dict):
+        raise QarjaxError(f"cannot resume: {path} holds no config object")
+
+    def flat(d: dict, prefix="") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    old = flat(saved)
+    new = flat(json.loads(config.to_json_best_effort()))
+    differ = sorted(
+        k for k in old.keys() & new.keys()
+        if old[k] != new[k] and k not in RESUME_FREE_KEYS and not k.startswith("quant.")
+    )  # fmt: skip
+    if differ:
+        shown = ", ".join(f"{k} {_short(old[k])} -> {_short(new[k])}" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ConfigError(
+            f"cannot resume {workdir}: the config differs from the run's ({shown}{more}); "
+            "resume with the run's config, or --overwrite to train a new run"
+        )
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -128,10 +207,19 @@ def check_trainer_fits(trainer_config, config) -> None:
         )
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: a reader sees the old
+    file or the new one, never a part; the temporary file is removed on failure."""
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(to_python(payload), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(to_python(payload), indent=2) + "\n")
 
 
 @dataclasses.dataclass
@@ -187,12 +275,13 @@ def fit(
     """
     workdir = Path(workdir).absolute()
     check_loop_config(config)
-    prepare_workdir(workdir, resume=resume, overwrite=overwrite)
-    if jax.process_count() > 1:  # every process checks the workdir before process 0 writes
-        multihost_utils.sync_global_devices("qarjax: workdir checked")
-    main_process = jax.process_index() == 0
-    if main_process:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    # Every check comes before the workdir is written or cleared: the workdir itself, the
+    # resumed run's config, the data, the model, the optimizer (the Trainer), the checkpoint
+    # to resume or branch from. Only then does --overwrite remove the old run and config.json
+    # get (re)written, so a refused start changes nothing of finished work.
+    prepare_workdir(workdir, resume=resume, overwrite=overwrite, clear=False)
+    if resume:
+        check_resume_config(workdir, config)
     if trainer is None:
         dataset = dataset or load_dataset(
             config.dataset,
@@ -204,7 +293,7 @@ def fit(
         trainer = Trainer(config, dataset)
     else:
         check_trainer_fits(trainer.config, config)
-    if main_process:  # a run's first log line
+    if jax.process_index() == 0:  # a run's first log line
         print(trainer.augmentation.describe(), flush=True)
     ks = trainer.reg.ks_for(config.reg) if trainer.reg.active else None
     reg_start = int(config.reg.start_epoch)
@@ -214,15 +303,21 @@ def fit(
             config.init_from, jax.device_get(state.params), jax.device_get(state.batch_stats)
         )
         state = trainer.init_state(params=params, batch_stats=stats)
-    checkpoints = Checkpointer(
+    open_checkpoints = lambda: Checkpointer(
         workdir / "checkpoints",
         max_to_keep=config.keep_checkpoints,
         keep_period=config.keep_period or None,
     )
-    start_epoch, train_seconds = 0, 0.0
-    if resume and checkpoints.latest_epoch() is not None:
-        state, start_epoch, train_seconds = restore_latest(checkpoints, state)
-    elif config.branch_from:
+    start_epoch, train_seconds, checkpoints = 0, 0.0, None
+    if resume and (workdir / "checkpoints").is_dir():
+        checkpoints = open_checkpoints()
+        if checkpoints.latest_epoch() is not None:
+            try:
+                state, start_epoch, train_seconds = restore_latest(checkpoints, state)
+            except BaseException:
+                checkpoints.close()
+                raise
+    if start_epoch == 0 and config.branch_from:
         start_epoch = reg_start if config.branch_epoch < 0 else int(config.branch_epoch)
         if trainer.reg.active and start_epoch > reg_start:
             raise ConfigError(
@@ -234,6 +329,13 @@ def fit(
                 f"branch_epoch={start_epoch} must be in [1, num_epochs={config.num_epochs})"
             )
         state = load_branch_point(config.branch_from, start_epoch, state)
+    if jax.process_count() > 1:  # every process checks the workdir before process 0 writes
+        multihost_utils.sync_global_devices("qarjax: workdir checked")
+    main_process = jax.process_index() == 0
+    if main_process:
+        prepare_workdir(workdir, resume=resume, overwrite=overwrite, clear=True)
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    checkpoints = checkpoints or open_checkpoints()
     writer = MetricsWriter(workdir, enabled=main_process, tensorboard=config.tensorboard)
     writer.truncate_after(start_epoch)
     test, epoch_rates = {"loss": float("nan"), "accuracy": float("nan")}, []
@@ -268,24 +370,25 @@ def fit(
             }
             if trainer.reg.layers and (trainer.reg.active or config.reg.k >= 2):
                 record["layers"] = trainer.regularizer_metrics(state)
-            writer.write(record["step"], record)
-            if main_process:
-                print(
-                    f"epoch {epoch + 1}/{config.num_epochs}: train loss {train['loss']:.4f} "
-                    f"acc {train['accuracy']:.4f} | test loss {test['loss']:.4f} "
-                    f"acc {test['accuracy']:.4f} | {seconds:.1f}s, {rate:,.0f} img/s",
-                    flush=True,
-                )
-            last = epoch + 1 == config.num_epochs
-            if (epoch + 1) % config.checkpoint_every == 0 or last:
-                checkpoints.save(
-                    epoch + 1,
-                    {
-                        "state": state_to_dict(state),
-                        "epoch": epoch + 1,
-                        "train_seconds": train_seconds,
-                    },
-                )
+            with deferred_stop():  # the epoch's metrics line and its checkpoint go together
+                writer.write(record["step"], record)
+                if main_process:
+                    print(
+                        f"epoch {epoch + 1}/{config.num_epochs}: train loss {train['loss']:.4f} "
+                        f"acc {train['accuracy']:.4f} | test loss {test['loss']:.4f} "
+                        f"acc {test['accuracy']:.4f} | {seconds:.1f}s, {rate:,.0f} img/s",
+                        flush=True,
+                    )
+                last = epoch + 1 == config.num_epochs
+                if (epoch + 1) % config.checkpoint_every == 0 or last:
+                    checkpoints.save(
+                        epoch + 1,
+                        {
+                            "state": state_to_dict(state),
+                            "epoch": epoch + 1,
+                            "train_seconds": train_seconds,
+                        },
+                    )
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
     finally:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 import time
 from pathlib import Path
 
@@ -57,21 +59,44 @@ QUANTIZE_FACTS = (
 TUNE_FACTS = ("trained_steps", "pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")
 
 
-def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
-    """(method, [(path, K)]) from config.quant, defaulting to the regularizer's layers and K."""
+def check_quant_config(config) -> None:
+    """Every quant.* value, checked before any stage runs (`run` checks them before it
+    trains, so a bad tuning setting never costs a training run or touches its files)."""
     q = config.quant
-    if q.k != -1:
-        check_k(q.k)
-    method = q.method
-    has_grid = family(config.reg.family).has_grid
-    if method == "auto":
-        method = "nearest" if has_grid else "kmeans"
-    if method not in METHODS:
-        raise ConfigError(f"unknown quantization method {method!r}: choose one of {METHODS}")
-    if method == "nearest" and not has_grid:
+    if q.method != "auto" and q.method not in METHODS:
+        raise ConfigError(f"unknown quantization method {q.method!r}: choose one of {METHODS}")
+    if q.method == "nearest" and not family(config.reg.family).has_grid:
         raise ConfigError(
             f"method 'nearest' needs a grid: reg.family {config.reg.family!r} has none"
         )
+    if q.k != -1:
+        check_k(q.k)
+    for key in ("include", "exclude"):
+        try:
+            re.compile(q[key])
+        except re.error as e:
+            raise ConfigError(f"quant.{key} {q[key]!r} is not a regular expression: {e}") from None
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not (whole(q.batch_stats_batches) and q.batch_stats_batches >= 1):
+        raise ConfigError(f"quant.batch_stats_batches must be >= 1, got {q.batch_stats_batches}")
+    if not (whole(q.tune_epochs) and q.tune_epochs >= 0):
+        raise ConfigError(f"quant.tune_epochs must be >= 0, got {q.tune_epochs}")
+    lr = q.tune_learning_rate
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"quant.tune_learning_rate must be finite and > 0, got {lr}")
+    if q.tune_optimizer != "adam":
+        raise ConfigError(
+            f"quant.tune_optimizer must be 'adam' (the only one), got {q.tune_optimizer!r}"
+        )
+
+
+def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
+    """(method, [(path, K)]) from config.quant, defaulting to the regularizer's layers and K."""
+    check_quant_config(config)
+    q = config.quant
+    method = q.method
+    if method == "auto":
+        method = "nearest" if family(config.reg.family).has_grid else "kmeans"
     if not q.include and q.k == -1 and trainer.reg.layers:
         return method, [(s.path, s.k) for s in trainer.reg.layers]
     include = q.include or config.reg.include
@@ -133,11 +158,11 @@ def tuning_config(config):
 def tuning_trainer(config, dataset, q: QuantizedModel, k_max: int | None = None) -> Trainer:
     """The Trainer that tunes the codebooks of `q`'s layers (K <= k_max, default the largest
     K there): reusable for every model quantized at those layers (its step compiles once)."""
-    lr = config.quant.tune_learning_rate
-    if not lr > 0:
-        raise ConfigError(f"quant.tune_learning_rate must be > 0, got {lr}")
+    check_quant_config(config)
     k_max = k_max or max(q.levels().values())
-    tx = codebook_adam([layer.path for layer in q.layers.values()], lr, k_max=k_max)
+    tx = codebook_adam(
+        [layer.path for layer in q.layers.values()], config.quant.tune_learning_rate, k_max=k_max
+    )
     return Trainer(tuning_config(config), dataset, tx=tx)
 
 
@@ -147,9 +172,8 @@ def tune_stage(config, dataset, q: QuantizedModel, trainer=None) -> QuantizedMod
     `trainer`: a `tuning_trainer` to reuse (default: a new one for `q`). The result's
     metadata adds pre_tuning_accuracy, post_tuning_accuracy, train_losses, tune_seconds.
     """
+    check_quant_config(config)
     epochs = config.quant.tune_epochs
-    if epochs < 0:
-        raise ConfigError(f"quant.tune_epochs must be >= 0, got {epochs}")
     trainer = trainer or tuning_trainer(config, dataset, q)
     check_fits_model(trainer, q)
     state = trainer.init_state(params=q.params, batch_stats=q.batch_stats)
@@ -248,6 +272,7 @@ def run_pipeline(
     `dataset`: an already loaded dataset (default: load config.dataset).
     """
     workdir = Path(workdir).absolute()
+    check_quant_config(config)
     check_writable(workdir)
     summary_file = workdir / "summary.json"
     dataset = dataset or _dataset(config)
@@ -310,6 +335,7 @@ def run_command(command: str, config, args) -> None:
         )
         return
     if command in ("quantize", "tune"):
+        check_quant_config(config)
         check_writable(workdir)
     if command in ("tune", "eval"):  # a bad model file is refused before the data loads
         default = "quantized.safetensors" if command == "tune" else "tuned.safetensors"

@@ -158,7 +158,7 @@ class Regularization:
         )
         _check_settings(settings)
         if k_max is not None:
-            _check_range("k_max", k_max, 2, MAX_K)
+            _check_range("k_max", k_max, 2, MAX_K, integer=True)
         return cls(tuple(specs), k_max=max([k_max or 0, *(s.k for s in specs)]), settings=settings)
 
     @classmethod
@@ -172,7 +172,7 @@ class Regularization:
         """
         name = cfg.family
         family(name)  # an unknown name is refused here, with the list
-        _check_range("reg.k", cfg.k, 2, MAX_K)
+        _check_range("reg.k", cfg.k, 2, MAX_K, integer=True)
         _check_range("reg.lam", cfg.lam, 0.0, math.inf)
         if cfg.schedule not in SCHEDULES:
             raise ConfigError(f"unknown reg.schedule {cfg.schedule!r}: choose one of {SCHEDULES}")
@@ -184,7 +184,9 @@ class Regularization:
                 f"the {name} regularizer would never start"
             )
         if cfg.k_max != -1:
-            _check_range("reg.k_max", cfg.k_max, 2, MAX_K)
+            _check_range("reg.k_max", cfg.k_max, 2, MAX_K, integer=True)
+            if cfg.k_max < cfg.k:
+                raise ConfigError(f"reg.k_max={cfg.k_max} is below reg.k={cfg.k}: k_max pads K")
         given = None
         if cfg.range_mode == "given":
             given = (float(cfg.range_lo), float(cfg.range_hi))
@@ -198,7 +200,7 @@ class Regularization:
         k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
         lam_over = parse_overrides(cfg.lam_overrides, float, "reg.lam")
         for _, k in k_over:
-            _check_range("reg.k override", k, 2, MAX_K)
+            _check_range("reg.k override", k, 2, MAX_K, integer=True)
         for _, lam in lam_over:
             _check_range("reg.lam override", lam, 0.0, math.inf)
         layers = select_layers(params, cfg.include, cfg.exclude)
@@ -240,7 +242,7 @@ class Regularization:
     def ks_for(self, cfg) -> dict[str, int]:
         """Each layer's K under `cfg` (config.reg: k and k_overrides), for `initialize`; a run
         may change K this way without rebuilding (and recompiling) its train step."""
-        _check_range("reg.k", cfg.k, 2, MAX_K)
+        _check_range("reg.k", cfg.k, 2, MAX_K, integer=True)
         k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
         check_rules_match(k_over, [s.name for s in self.layers], "reg.k_overrides")
         ks = {s.name: first_match(k_over, s.name, cfg.k) for s in self.layers}
@@ -564,7 +566,7 @@ def _check_rule(rule: Rule) -> None:
     if rule.family is not None:
         family(rule.family)
     if rule.k is not None:
-        _check_range(f"rule {rule.pattern!r}: k", rule.k, 2, MAX_K)
+        _check_range(f"rule {rule.pattern!r}: k", rule.k, 2, MAX_K, integer=True)
     if rule.lam is not None:
         _check_range(f"rule {rule.pattern!r}: lam", rule.lam, 0.0, math.inf)
 
@@ -585,9 +587,16 @@ def _check_settings(s: Settings, prefix: str = "") -> None:
         raise ConfigError(f"unknown {prefix}init {s.init!r}: choose one of {INIT_METHODS}")
 
 
-def _check_range(what: str, value, lo, hi) -> None:
-    if not (lo <= value <= hi):
-        raise ConfigError(f"{what} must be in [{lo}, {hi}], got {value}")
+def _check_range(what: str, value, lo, hi, *, integer: bool = False) -> None:
+    """`value` a number in [lo, hi] (finite: an infinite `hi` is open), a whole one if
+    `integer`; anything else is one ConfigError naming `what`."""
+    number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool
+    )
+    if integer and not (number and float(value).is_integer()):
+        raise ConfigError(f"{what} must be in [{lo}, {hi}], got {value!r} (a whole number)")
+    if not (number and math.isfinite(value) and lo <= value <= hi):
+        raise ConfigError(f"{what} must be in [{lo}, {hi}], got {value!r} (finite)")
 
 
 def _module_at(model: nnx.Module, path: Path) -> nnx.Module:

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from qarjax import data as data_lib
 from qarjax import steps as steps_lib
 from qarjax import xla_defaults
+from qarjax.config import check_ranges
 from qarjax.device_data import DeviceData, epoch_order, put_replicated
 from qarjax.errors import ConfigError, NonFiniteLossError
 from qarjax.model_def import ModelDef
@@ -97,6 +98,7 @@ class Trainer:
         tx: an optimizer replacing the config's (e.g. codebook tuning, qarjax.tune).
         """
         self.config = config = config.copy_and_resolve_references()  # later edits: not ours
+        check_ranges(config)
         self.dataset = dataset
         self.mesh = mesh or make_mesh()
         n_dev = self.mesh.devices.size

@@ -144,6 +144,21 @@ ROWS = [
     Row("runs", "NaN loss", (*TRAIN, "--config.learning_rate=1e30", "--config.num_epochs=1",
         "--config.warmup_epochs=0", "--config.lr_schedule=constant",
         "--config.reg.family=none"), r"non-finite loss in epoch 1"),
+    # a finished run given bad values: refused before any of its files changes
+    Row("runs", "train --overwrite of a finished run with a batch the data cannot serve",
+        ("--config", "configs/demo.py", "--workdir", "{run}", "--config.dataset={data}",
+         "--config.batch_size=4096", "--overwrite"), r"batch_size 4096 exceeds the \d+ training"),
+    Row("runs", "train --resume of a finished run under another config",
+        ("--config", "configs/demo.py", "--workdir", "{run}", "--config.dataset={data}",
+         "--config.num_epochs=99", "--resume"), r"cannot resume .*num_epochs \d+ -> 99"),
+    Row("runs", "run --resume with quant.tune_epochs=-1",
+        ("--config", "configs/demo.py", "--workdir", "{run}", "--config.dataset={data}",
+         "--config.quant.tune_epochs=-1", "--resume"), r"quant.tune_epochs must be >= 0, got -1",
+        command="run"),
+    Row("runs", "run --overwrite with quant.tune_learning_rate=0",
+        ("--config", "configs/demo.py", "--workdir", "{run}", "--config.dataset={data}",
+         "--config.quant.tune_learning_rate=0", "--overwrite"),
+        r"quant.tune_learning_rate must be finite and > 0, got 0", command="run"),
     Row("runs", "second process on the same workdir", ("--config", "configs/demo.py",
         "--workdir", "{tmp}/locked", "--resume"), r"is in use by another qarjax process",
         extra={"lock": True}),
@@ -268,7 +283,7 @@ def world(tmp_path_factory):
     )
     run = root / "run"  # the files of a finished run; refusals must leave them untouched
     run.mkdir()
-    for name, text in {"config.json": "{}", "metrics.jsonl": "{}\n",
+    for name, text in {"config.json": '{"num_epochs": 2}', "metrics.jsonl": "{}\n",
                        "summary.json": json.dumps({"steps": 4})}.items():  # fmt: skip
         (run / name).write_text(text)
     (root / "locked").mkdir()

@@ -1,4 +1,4 @@
-"""The command line: one-line errors, a run killed with SIGKILL and resumed, multi-process."""
+"""The command line: a run killed (SIGKILL) or stopped (SIGTERM) and resumed, multi-process."""
 
 import json
 import os
@@ -39,32 +39,48 @@ def _summary(workdir):
     return json.loads((workdir / "summary.json").read_text())
 
 
-def test_sigkill_mid_training_then_resume(folder, tmp_path):
-    epochs = "--config.num_epochs=6"
-    whole = run_cli(*_train_args(folder, tmp_path / "whole", epochs))
+@pytest.fixture(scope="module")
+def whole_run(folder, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    whole = run_cli(*_train_args(folder, workdir, "--config.num_epochs=6"))
     assert whole.returncode == 0, whole.stderr
+    return _summary(workdir)
 
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_stopped_mid_training_then_resume(folder, tmp_path, whole_run, stop):
+    """SIGKILL loses at most the epoch under way; SIGTERM (how clusters and preemptible VMs
+    stop jobs) is taken like Ctrl-C: the checkpoint being written is finished, one line, exit
+    143."""
+    epochs = "--config.num_epochs=6"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["JAX_PLATFORMS"] = "cpu"
     args = _train_args(folder, tmp_path / "killed", epochs)
-    proc = subprocess.Popen([sys.executable, "-m", "qarjax", *args], cwd=REPO, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "qarjax", *args], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(stop)
+    _, err = proc.communicate(timeout=120)
     assert not (tmp_path / "killed" / "summary.json").exists()
+    if stop == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert err.strip().splitlines()[-1] == "qarjax: stopped by SIGTERM", err
+        saved = sorted(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
+                       if p.name.isdigit())  # fmt: skip
+        assert saved[-1] == len(metrics.read_text().splitlines())  # every logged epoch kept
 
     resumed = run_cli(*_train_args(folder, tmp_path / "killed", epochs, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _summary(tmp_path / "whole"), _summary(tmp_path / "killed")
+    b = _summary(tmp_path / "killed")
     assert b["epochs"] == 6
-    assert b["test_accuracy"] == a["test_accuracy"]
-    assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
+    assert b["test_accuracy"] == whole_run["test_accuracy"]
+    assert b["test_loss"] == pytest.approx(whole_run["test_loss"], rel=1e-5)
 
 
 def _free_port():

@@ -96,9 +96,12 @@ def test_stale_artifacts_are_refused_and_overwrite_removes_them(trained, tmp_pat
     args = ("--config", "configs/demo.py", "--workdir", str(copy))
     data = f"--config.dataset=imagefolder:{folder}"
     more = [a if a != "--config.num_epochs=2" else "--config.num_epochs=3" for a in BASE]
-    result = run_cli("train", *args, data, *more, "--resume")  # one more epoch
+    longer = tmp_path / "longer"  # a run at another step, holding the first run's models
+    result = run_cli("train", "--config", "configs/demo.py", "--workdir", str(longer), data, *more)
     assert result.returncode == 0, result.stderr
-    result = run_cli("eval", *args, data, *more)
+    for name in ("quantized.safetensors", "tuned.safetensors"):
+        shutil.copy(copy / name, longer / name)
+    result = run_cli("eval", "--config", "configs/demo.py", "--workdir", str(longer), data, *more)
     assert result.returncode == 2
     assert re.search(r"tuned.safetensors is stale: it was made from step \d+ of training, the run "
                      r"in .* is at step \d+", result.stderr), result.stderr  # fmt: skip

@@ -85,14 +85,12 @@ def test_workdir_with_a_run_is_refused_unless_resume_or_overwrite(tiny_config, t
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
-    tiny_config.num_epochs = 1
+    tiny_config.num_epochs, tiny_config.warmup_epochs = 3, 0
+    tiny_config.lr_schedule, tiny_config.lr_boundaries = "step", "1"
+    tiny_config.lr_decay_factor = 1e32  # a sane first epoch, then the loss overflows
     dataset = make_dataset(n_train=64)
-    fit(tiny_config, tmp_path, dataset=dataset)
-    tiny_config.num_epochs = 3
-    tiny_config.learning_rate = 1e30
-    tiny_config.lr_schedule = "constant"
     with pytest.raises(NonFiniteLossError, match="non-finite loss in epoch 2"):
-        fit(tiny_config, tmp_path, dataset=dataset, resume=True)
+        fit(tiny_config, tmp_path, dataset=dataset)
     from qarjax.checkpoint import Checkpointer
 
     assert Checkpointer(tmp_path / "checkpoints").latest_epoch() == 1
@@ -102,6 +100,44 @@ def test_batch_must_divide_over_devices(tiny_config):
     tiny_config.batch_size = 30
     with pytest.raises(ConfigError, match="multiple of the 8 devices"):
         Trainer(tiny_config, make_dataset())
+
+
+def test_resume_refuses_a_config_that_trains_differently(tiny_config, tmp_path):
+    """A finished run resumed with a longer num_epochs would be retrained (and its kept
+    checkpoints rotated away): refused before any file changes, naming the keys."""
+    tiny_config.num_epochs = 1
+    dataset = make_dataset(n_train=64)
+    fit(tiny_config, tmp_path, dataset=dataset)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    tiny_config.num_epochs, tiny_config.learning_rate = 2**62, 0.5
+    with pytest.raises(ConfigError, match=r"learning_rate 0.05 -> 0.5, num_epochs 1 -> "):
+        fit(tiny_config, tmp_path, dataset=dataset, resume=True)
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    tiny_config.num_epochs, tiny_config.learning_rate = 1, 0.05
+    tiny_config.progress = False  # what only the loop reads may change
+    assert fit(tiny_config, tmp_path, dataset=dataset, resume=True).summary["epochs"] == 1
+
+
+def test_overwrite_removes_nothing_until_the_new_run_passed_its_checks(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    dataset = make_dataset(n_train=64)
+    fit(tiny_config, tmp_path, dataset=dataset)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    for key, value, message in (("batch_size", 4096, "exceeds the 64 training images"),
+                                ("compute_dtype", "float8", "unknown compute_dtype")):  # fmt: skip
+        bad = tiny_config.copy_and_resolve_references()
+        bad[key] = value
+        with pytest.raises(ConfigError, match=message):
+            fit(bad, tmp_path, dataset=dataset, overwrite=True)
+        assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_an_empty_checkpoint_folder_does_not_block_resuming(tiny_config, tmp_path):
+    tiny_config.num_epochs = 2
+    dataset = make_dataset(n_train=64)
+    fit(tiny_config, tmp_path, dataset=dataset, stop_after_epoch=1)
+    (tmp_path / "checkpoints" / "99").mkdir()
+    assert fit(tiny_config, tmp_path, dataset=dataset, resume=True).summary["epochs"] == 2
 
 
 def test_summary_has_the_promised_keys(tiny_config, tmp_path):
