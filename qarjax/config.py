@@ -19,7 +19,7 @@ from pathlib import Path
 import ml_collections
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from qarjax.errors import ConfigError
+from qarjax.errors import ConfigError, short
 
 _LOADS = itertools.count()  # a fresh module name per load: no globals left from another file
 
@@ -207,11 +207,13 @@ def check_key(config: ml_collections.ConfigDict, key: str) -> None:
         raise ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _number(v) -> bool:
+def is_number(v) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _whole(v) -> bool:
+def is_whole(v) -> bool:
+    """An int (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -219,22 +221,22 @@ def _whole(v) -> bool:
 # (qarjax.regularization), the data's (qarjax.data), the model's and the Trainer's own
 # (batch size, epochs, dtype, scan mode) are checked where they are used.
 RANGES = {
-    "learning_rate": (lambda v: _number(v) and v > 0, "> 0 and finite"),
-    "momentum": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: _number(v) and v >= 0, ">= 0 and finite"),
-    "grad_clip": (lambda v: _number(v) and v >= 0, ">= 0 and finite (0: off)"),
-    "lr_decay_factor": (lambda v: _number(v) and v > 0, "> 0 and finite"),
-    "warmup_epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
-    "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    "dropout": (lambda v: _number(v) and (v < 0 or v < 1), "in [0, 1) (< 0: the model's)"),
-    "eval_batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    "scan_steps": (lambda v: _whole(v) and (v == -1 or v >= 1), "-1 (auto) or >= 1"),
-    "seed": (lambda v: _whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32)"),
-    "reg.warmup_epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
-    "reg.temperature": (lambda v: _number(v) and v > 0, "> 0 and finite"),
-    "reg.dkm_temperature": (lambda v: _number(v) and v > 0, "> 0 and finite"),
-    "reg.reps_step": (lambda v: _number(v) and v > 0, "> 0 and finite"),
-    "reg.quant_lr": (lambda v: _number(v) and v > 0, "> 0 and finite"),
+    "learning_rate": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, ">= 0 and finite"),
+    "grad_clip": (lambda v: is_number(v) and v >= 0, ">= 0 and finite (0: off)"),
+    "lr_decay_factor": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
+    "warmup_epochs": (lambda v: is_whole(v) and v >= 0, "a whole number >= 0"),
+    "label_smoothing": (lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "dropout": (lambda v: is_number(v) and (v < 0 or v < 1), "in [0, 1) (< 0: the model's)"),
+    "eval_batch_size": (lambda v: is_whole(v) and v >= 1, "a whole number >= 1"),
+    "scan_steps": (lambda v: is_whole(v) and (v == -1 or v >= 1), "-1 (auto) or >= 1"),
+    "seed": (lambda v: is_whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32)"),
+    "reg.warmup_epochs": (lambda v: is_whole(v) and v >= 0, "a whole number >= 0"),
+    "reg.temperature": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
+    "reg.dkm_temperature": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
+    "reg.reps_step": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
+    "reg.quant_lr": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
 }
 
 
@@ -246,17 +248,12 @@ def check_ranges(config) -> None:
         for part in key.split("."):
             node = node[part]
         if not test(node):
-            raise ConfigError(f"{key} must be {what}, got {_short(node)}")
+            raise ConfigError(f"{key} must be {what}, got {short(node)}")
     if config.warmup_epochs > config.num_epochs:
         raise ConfigError(
             f"warmup_epochs={config.warmup_epochs} is longer than the run "
             f"(num_epochs={config.num_epochs})"
         )
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_loop_config(config) -> None:

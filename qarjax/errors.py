@@ -30,3 +30,9 @@ def check(condition: bool, message: str, kind: type[QarjaxError] = ConfigError) 
     """Raises `kind(message)` unless `condition` holds."""
     if not condition:
         raise kind(message)
+
+
+def short(value, limit: int = 60) -> str:
+    """`value`'s repr, cut to `limit` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

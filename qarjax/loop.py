@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
 from qarjax.config import check_loop_config
 from qarjax.data import Dataset, load_dataset
-from qarjax.errors import ConfigError, QarjaxError
+from qarjax.errors import ConfigError, QarjaxError, short
 from qarjax.metrics import MetricsWriter, to_python
 from qarjax.train import Trainer, TrainState
 
@@ -116,9 +116,17 @@ def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool, clear: bool
                 path.unlink()
 
 
-# What a resumed run may change: how the loop reports and keeps checkpoints, K (data in the
-# step), where it branched from, and quant.* (the later stages').
-RESUME_FREE_KEYS = TRAINER_FREE_KEYS
+def _trained_keys(d: dict, prefix: str = "") -> dict:
+    """A config as a dict, flattened to dotted keys (``reg.lam``), without the keys that do
+    not change training: TRAINER_FREE_KEYS and quant.* (the later stages')."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_trained_keys(v, f"{key}."))
+        elif key not in TRAINER_FREE_KEYS and not key.startswith("quant."):
+            out[key] = v
+    return out
 
 
 def check_resume_config(workdir: Path, config) -> None:
@@ -136,33 +144,17 @@ def check_resume_config(workdir: Path, config) -> None:
     if not isinstance(saved, dict):
         raise QarjaxError(f"cannot resume: {path} holds no config object")
 
-    def flat(d: dict, prefix="") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    old = flat(saved)
-    new = flat(json.loads(config.to_json_best_effort()))
-    differ = sorted(
-        k for k in old.keys() & new.keys()
-        if old[k] != new[k] and k not in RESUME_FREE_KEYS and not k.startswith("quant.")
-    )  # fmt: skip
+    # what the loop reports and keeps, K, where it branched from and quant.* may change
+    old = _trained_keys(saved)
+    new = _trained_keys(json.loads(config.to_json_best_effort()))
+    differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
     if differ:
-        shown = ", ".join(f"{k} {_short(old[k])} -> {_short(new[k])}" for k in differ[:4])
+        shown = ", ".join(f"{k} {short(old[k], 40)} -> {short(new[k], 40)}" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise ConfigError(
             f"cannot resume {workdir}: the config differs from the run's ({shown}{more}); "
             "resume with the run's config, or --overwrite to train a new run"
         )
-
-
-def _short(value, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -191,14 +183,7 @@ def check_trainer_fits(trainer_config, config) -> None:
     """Refuses a Trainer built for a config that differs from `config` beyond the keys a
     trainer can serve unchanged (TRAINER_FREE_KEYS, and quant.* which fit does not read)."""
 
-    def flat(c):
-        d = c.to_dict()
-        d.pop("quant", None)
-        reg = d.pop("reg")
-        d.update({f"reg.{k}": v for k, v in reg.items()})
-        return {k: v for k, v in d.items() if k not in TRAINER_FREE_KEYS}
-
-    a, b = flat(trainer_config), flat(config)
+    a, b = (_trained_keys(c.to_dict()) for c in (trainer_config, config))
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differ:
         raise ConfigError(

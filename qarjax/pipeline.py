@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import jax
 
 from qarjax import compress
 from qarjax.checkpoint import Checkpointer
+from qarjax.config import is_number, is_whole
 from qarjax.data import load_dataset
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
 from qarjax.families import family
@@ -76,13 +76,12 @@ def check_quant_config(config) -> None:
             re.compile(q[key])
         except re.error as e:
             raise ConfigError(f"quant.{key} {q[key]!r} is not a regular expression: {e}") from None
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if not (whole(q.batch_stats_batches) and q.batch_stats_batches >= 1):
+    if not (is_whole(q.batch_stats_batches) and q.batch_stats_batches >= 1):
         raise ConfigError(f"quant.batch_stats_batches must be >= 1, got {q.batch_stats_batches}")
-    if not (whole(q.tune_epochs) and q.tune_epochs >= 0):
+    if not (is_whole(q.tune_epochs) and q.tune_epochs >= 0):
         raise ConfigError(f"quant.tune_epochs must be >= 0, got {q.tune_epochs}")
     lr = q.tune_learning_rate
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+    if not (is_number(lr) and lr > 0):
         raise ConfigError(f"quant.tune_learning_rate must be finite and > 0, got {lr}")
     if q.tune_optimizer != "adam":
         raise ConfigError(
