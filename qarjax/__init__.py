@@ -13,6 +13,7 @@ model is stored in about log2(K) bits per weight. The public API, on any Flax NN
                       with ``decoupled=lr``, the pull outside the optimizer)
   quantize            a model -> QuantizedModel (indices and codebooks per layer)
   tune                retrain the codebooks with your loss, indices fixed
+  reestimate_batch_stats  batch-norm statistics of the quantized weights, from your batches
   save, load          the compressed model file (``load(path, into=model)``)
   register_family     add a regularizer family (a `qarjax.families.Family` subclass)
   register_model      add a model class for configs and the command line
@@ -33,7 +34,7 @@ from qarjax.optim import decoupled_pull, optimizer  # noqa: E402
 from qarjax.quantize import QuantizedModel, quantize  # noqa: E402
 from qarjax.regularization import Regularization, Rule, attach  # noqa: E402
 from qarjax.representatives import TRAINABLE, QuantParam, Representatives  # noqa: E402
-from qarjax.tune import tune  # noqa: E402
+from qarjax.tune import reestimate_batch_stats, tune  # noqa: E402
 from qarjax.xla_defaults import compiler_options as cpu_compiler_options  # noqa: E402
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "optimizer",
     "quantize",
     "register_family",
+    "reestimate_batch_stats",
     "register_model",
     "save",
     "tune",

@@ -125,8 +125,10 @@ def decoupled_pull(
     gets its part of g before `inner` (a loss without the penalty gives them none, and the
     representatives must still follow their clusters), and each weight's update gets
     -lr * g after it. `learning_rate`: a float or an optax schedule (of this transform's step
-    count). Needs ``consts=reg.consts(model)`` (the ranges and K, which are not trained) in
-    the update's extra arguments: ``opt.update(model, grads, consts=reg.consts(model))``.
+    count). The pull follows `reg`'s lambda schedule (`reg.strength` of the same count): it
+    is off before the regularizer's start step. Needs ``consts=reg.consts(model)`` (the
+    ranges and K, which are not trained) in the update's extra arguments:
+    ``opt.update(model, grads, consts=reg.consts(model))``.
     """
     names = reg.variable_labels()
 
@@ -135,7 +137,10 @@ def decoupled_pull(
 
     def update_fn(updates, state, params=None, *, consts=None, **extra):
         del extra
-        g = _penalty_grads(reg, params, consts)
+        # the pull follows the regularizer's schedule (off before its start step), counted
+        # in this transform's updates: one per train step in a usual loop
+        strength = reg.strength(state.count)
+        g = jax.tree.map(lambda x: strength * x, _penalty_grads(reg, params, consts))
         updates = name_map(lambda n, u, gg: u + gg if n in names else u, updates, g)
         updates, inner_state = inner.update(updates, state.inner, params)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate

@@ -60,12 +60,22 @@ class Rule:
     A parameter's settings come from every rule that matches it, later rules overriding the
     fields they set (None: not set); it is regularized when they name a family other than
     ``none``. `k` (levels, >= 2) is required then; `lam` defaults to 0.1.
+
+    `kernels_only` (default): the rule reaches only weight matrices and conv kernels
+    (parameters of 2 or more dimensions, what the config runs select), never a bias, a
+    batch-norm scale or another vector, whatever its pattern; ``kernels_only=False`` lets it
+    reach those too (named explicitly by its pattern).
     """
 
     pattern: str
     family: str | None = None
     k: int | None = None
     lam: float | None = None
+    kernels_only: bool = True
+
+    def reaches(self, name: str, ndim: int) -> bool:
+        """Whether this rule applies to the parameter `name` of `ndim` dimensions."""
+        return (ndim >= 2 or not self.kernels_only) and re.fullmatch(self.pattern, name) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +123,15 @@ class Regularization:
     k_max: int = 0  # size of the padded representatives (0: each layer's own K)
     start_step: int = 0
     warmup_steps: int = 0
-    schedule: str = "constant"
+    schedule: str | Callable[[jax.Array], jax.Array] = "constant"
     settings: Settings = Settings()
+
+    def __post_init__(self):  # also under dataclasses.replace
+        if not callable(self.schedule) and self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r}: choose one of {SCHEDULES} or pass a "
+                "function of the step count (e.g. an optax schedule) that scales lambda"
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -131,18 +148,32 @@ class Regularization:
         reduction: str = "sum",
         eta: float = 0.01,
         dkm_temperature: float = 0.1,
+        start_step: int = 0,
+        warmup_steps: int = 0,
+        schedule: str | Callable[[jax.Array], jax.Array] = "constant",
     ) -> Regularization:
         """Selects layers of a params tree (or model) by `rules`; see `attach`."""
         tree = as_tree(params, nnx.Param)
-        names = {path_name(p): p for p, leaf in leaves_with_paths(tree) if np.ndim(leaf) >= 1}
+        leaves = {path_name(p): (p, np.ndim(leaf)) for p, leaf in leaves_with_paths(tree)}
+        names = {n: p for n, (p, ndim) in leaves.items() if ndim >= 1}
         for rule in rules:
             _check_rule(rule)
-        check_rules_match([(r.pattern, r) for r in rules], list(names), "attach", "parameters")
+        for rule in rules:
+            if not any(rule.reaches(n, nd) for n, (_, nd) in leaves.items() if nd >= 1):
+                among = "weight matrices / kernels" if rule.kernels_only else "parameters"
+                hint = " (kernels_only=False reaches vectors)" if rule.kernels_only else ""
+                kernels = [n for n, (_, nd) in leaves.items() if nd >= 2 or not rule.kernels_only]
+                raise ConfigError(
+                    f"attach rule {rule.pattern!r} fully matches none of the {among} "
+                    f"({_shown(kernels)}){hint}"
+                )
+        _check_range("start_step", start_step, 0, math.inf, integer=True)
+        _check_range("warmup_steps", warmup_steps, 0, math.inf, integer=True)
         specs = []
         for name, path in names.items():
             fields = {"family": "none", "k": None, "lam": 0.1}
             for rule in rules:
-                if re.fullmatch(rule.pattern, name):
+                if rule.reaches(name, leaves[name][1]):
                     fields.update(
                         {f: getattr(rule, f) for f in fields if getattr(rule, f) is not None}
                     )
@@ -159,7 +190,14 @@ class Regularization:
         _check_settings(settings)
         if k_max is not None:
             _check_range("k_max", k_max, 2, MAX_K, integer=True)
-        return cls(tuple(specs), k_max=max([k_max or 0, *(s.k for s in specs)]), settings=settings)
+        return cls(
+            tuple(specs),
+            k_max=max([k_max or 0, *(s.k for s in specs)]),
+            start_step=int(start_step),
+            warmup_steps=int(warmup_steps),
+            schedule=schedule,
+            settings=settings,
+        )
 
     @classmethod
     def from_config(
@@ -317,7 +355,12 @@ class Regularization:
 
     # ------------------------------------------------------------------ the loss term
     def strength(self, step: jax.Array) -> jax.Array:
-        """lambda(t) / lambda: 0 before the start step, then 1 (or a linear warm-up)."""
+        """lambda(t) / lambda: 0 before the start step, then 1 (or a linear warm-up over
+        `warmup_steps`, or a function's value at the steps since the start)."""
+        if callable(self.schedule):
+            count = jnp.asarray(step) - self.start_step
+            started = (count >= 0).astype(jnp.float32)
+            return started * jnp.asarray(self.schedule(jnp.maximum(count, 0)), jnp.float32)
         step = jnp.asarray(step, jnp.float32)
         started = (step >= self.start_step).astype(jnp.float32)
         if self.schedule == "warmup" and self.warmup_steps > 0:
@@ -479,10 +522,16 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     """Regularizes `model` (any Flax NNX model) by `rules`; returns the `Regularization`.
 
     Adds each selected kernel's variables to the model and, with `start`, starts them from the
-    current weights (call ``reg.start(model)`` again later, e.g. after pre-training).
+    current weights (call ``reg.start(model)`` again later, e.g. after pre-training). Rules
+    reach weight matrices and conv kernels only, unless one says ``kernels_only=False``.
     `settings`: k_max, range_mode, given_range, init, temperature, reduction, eta,
-    dkm_temperature (see
-    `Regularization.from_rules`). A rule that fully matches no parameter is an error.
+    dkm_temperature (see `Regularization.from_rules`), and lambda's schedule over the train
+    step: ``start_step`` (the penalty and the dkm / lsq forward pass are off before it),
+    ``schedule`` ("constant", "warmup": linear over ``warmup_steps``, or a function of the
+    steps since the start, e.g. an optax schedule, that multiplies every layer's lambda). The
+    schedule applies where a step is given (``reg.penalty(model, step=)``, the config runs);
+    without one the penalty is at full strength. A rule that fully matches no kernel, or an
+    unknown schedule, is an error.
 
     >>> from flax import nnx
     >>> rngs = nnx.Rngs(0)
@@ -493,6 +542,10 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     ([('layers/0/kernel', 4), ('layers/1/kernel', 2)], (4,))
     >>> float(reg.penalty(model)) > 0
     True
+    >>> import optax
+    >>> reg = attach(model, rules, start_step=100, schedule=optax.linear_schedule(0.0, 1.0, 50))
+    >>> [round(float(reg.strength(t)), 2) for t in (99, 100, 125, 150, 500)]
+    [0.0, 0.0, 0.5, 1.0, 1.0]
     """
     reg = Regularization.from_rules(model, rules, **settings)
     reg.attach(model)

@@ -2,6 +2,7 @@
 optax loop: the README's Python blocks as written, a user MLP through every call, and the
 promises the API makes about optimizers and rules."""
 
+import dataclasses
 import re
 
 import jax
@@ -158,7 +159,7 @@ def test_rules_full_match_override_in_order_and_report_what_matches_nothing():
         ("body/kernel", 4, 0.1, "sine"),
         ("out/kernel", 4, 2.0, "sine"),
     ]
-    with pytest.raises(ConfigError, match="'ou/kernel' fully matches none of the parameters"):
+    with pytest.raises(ConfigError, match="'ou/kernel' fully matches none of the weight matrices"):
         qj.attach(model, [qj.Rule(r".*kernel", family="sine", k=4), qj.Rule("ou/kernel", k=2)])
     with pytest.raises(ConfigError, match="give it no k"):
         qj.attach(model, [qj.Rule(r"body/kernel", family="sine")])
@@ -181,3 +182,73 @@ def test_quantize_without_a_regularizer_and_a_new_family_in_one_class():
     reg = qj.attach(model, [qj.Rule(r"out/kernel", family="absolute_test", k=2, lam=1.0)])
     expected = np.abs(np.asarray(model.out.kernel[...], np.float64)).sum()
     assert float(reg.penalty(model)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_rules_reach_kernels_only_unless_they_say_otherwise():
+    model = MLP(nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule(r".*", family="nearest", k=4)])
+    assert [s.name for s in reg.layers] == ["body/kernel", "out/kernel"]  # no bias, no BN scale
+    with pytest.raises(ConfigError, match=r"'norm/scale'.*kernels_only=False"):
+        qj.attach(MLP(nnx.Rngs(0)), [qj.Rule(r"norm/scale", family="nearest", k=2)])
+    rules = [qj.Rule(r".*kernel", family="nearest", k=4),
+             qj.Rule(r"norm/scale", family="nearest", k=2, kernels_only=False)]  # fmt: skip
+    reg = qj.attach(model := MLP(nnx.Rngs(0)), rules)
+    assert [(s.name, s.k) for s in reg.layers] == [
+        ("body/kernel", 4), ("norm/scale", 2), ("out/kernel", 4)
+    ]  # fmt: skip
+    assert int(model.norm.scale_k[...]) == 2  # padded to k_max = 4, K = 2
+
+
+def test_a_lambda_schedule_and_start_step_in_attach():
+    model = MLP(nnx.Rngs(0))
+    rule = [qj.Rule(r".*kernel", family="nearest", k=4, lam=1.0)]
+    reg = qj.attach(model, rule, start_step=10, warmup_steps=4, schedule="warmup")
+    full = float(reg.penalty(model))  # no step: full strength
+    got = [float(reg.penalty(model, step=t)) for t in (0, 9, 10, 11, 13, 100)]
+    np.testing.assert_allclose(got, [0, 0, full / 4, full / 2, full, full], rtol=1e-6)
+    reg = qj.attach(model, rule, schedule=optax.cosine_decay_schedule(1.0, 20))
+    assert float(reg.penalty(model, step=20)) == pytest.approx(0.0, abs=1e-9)
+    assert float(reg.penalty(model, step=10)) == pytest.approx(full / 2, rel=1e-5)
+    with pytest.raises(ConfigError, match="unknown schedule 'cosine'"):
+        qj.attach(model, rule, schedule="cosine")
+    with pytest.raises(ConfigError, match="unknown schedule 'cosine'"):
+        dataclasses.replace(reg, schedule="cosine")
+    with pytest.raises(ConfigError, match="start_step must be in"):
+        qj.attach(model, rule, start_step=-1)
+
+
+def test_the_decoupled_pull_starts_with_the_regularizer():
+    model = MLP(nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule(r"body/kernel", family="nearest", k=4, lam=0.3)], start_step=2)
+    w = np.asarray(model.body.kernel[...])
+    opt = nnx.Optimizer(model, qj.optimizer(optax.sgd(0.1), reg, decoupled=0.01), wrt=qj.TRAINABLE)
+    zero = jax.tree.map(jnp.zeros_like, nnx.state(model, qj.TRAINABLE))
+    for _ in range(2):  # updates 0 and 1: before the start, no pull
+        opt.update(model, zero, consts=reg.consts(model))
+    np.testing.assert_array_equal(model.body.kernel[...], w)
+    opt.update(model, zero, consts=reg.consts(model))
+    assert not np.allclose(model.body.kernel[...], w)
+
+
+def test_batch_norm_reestimate_on_a_quantized_user_model():
+    x, y = _data(256)
+    model = MLP(nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule(r".*kernel", family="nearest", k=2)])
+    qj.quantize(model, reg).into(model)
+    before = np.asarray(model.norm.mean[...])
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
+    with pytest.raises(ValueError, match="train mode"):
+        qj.reestimate_batch_stats(model, batches)  # MLP's call defaults to eval mode
+    np.testing.assert_array_equal(model.norm.mean[...], before)  # a refusal changes nothing
+    qj.reestimate_batch_stats(model, batches, apply=lambda m, x, y: m(x, train=True))
+    # float64 reference: the mean of the batch means / variances of the quantized layer
+    w = np.asarray(model.body.kernel[...], np.float64)
+    b = np.asarray(model.body.bias[...], np.float64)
+    h = [x64 @ w + b for x64 in (np.asarray(bx, np.float64) for bx, _ in batches)]
+    np.testing.assert_allclose(
+        model.norm.mean[...], np.mean([a.mean(0) for a in h], 0), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        model.norm.var[...], np.mean([a.var(0) for a in h], 0), rtol=1e-4, atol=1e-5
+    )
+    assert model.norm.momentum == 0.99
