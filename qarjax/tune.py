@@ -191,6 +191,8 @@ def tune(
     batches: Iterable,
     *,
     learning_rate: float = 1e-3,
+    score: Callable[[nnx.Module], float] | None = None,
+    score_every: int = 0,
 ) -> QuantizedModel:
     """Tunes `q`'s codebooks (indices fixed) and the float leftovers on `model`.
 
@@ -198,9 +200,18 @@ def tune(
     ``loss_fn(model, *batch)`` (a tuple batch is unpacked; the loss decides train or eval
     mode, and batch statistics it updates are kept). Returns the tuned `QuantizedModel`;
     `model` holds it too. One compiled step serves every batch of the same shapes.
+
+    `score(model)` (higher is better, e.g. accuracy on held-out batches that are not in
+    `batches`, never the test set): the model is scored before tuning, every `score_every`
+    steps (0: only at the end) and after the last; the best model seen is returned (the
+    input itself if tuning never beat it), so tuning never returns a model that scores worse
+    than the one it was given. Its scores are in the result's metadata (``tune_scores``: step,
+    score).
     """
     if not learning_rate > 0:
         raise ConfigError(f"tune: learning_rate must be > 0, got {learning_rate}")
+    if isinstance(score_every, bool) or not isinstance(score_every, int) or score_every < 0:
+        raise ConfigError(f"tune: score_every must be a whole number >= 0, got {score_every!r}")
     q.into(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -219,12 +230,34 @@ def tune(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), rest, opt_state
 
-    for batch in batches:
+    scores, best = [], None
+
+    def keep_if_best(n: int) -> None:
+        nonlocal best
+        nnx.update(model, params, rest)
+        value = float(score(model))
+        scores.append([n, value])
+        if best is None or value > best[0]:
+            best = (value, params, rest)
+
+    n = 0
+    if score is not None:
+        keep_if_best(0)
+    for n, batch in enumerate(batches, 1):
         batch = batch if isinstance(batch, tuple) else (batch,)
         params, rest, opt_state = step(params, rest, opt_state, batch)
+        if score is not None and score_every and n % score_every == 0:
+            keep_if_best(n)
+    if score is not None:
+        if not scores or scores[-1][0] != n:
+            keep_if_best(n)
+        _, params, rest = best
     nnx.update(model, params, rest)
-    return q.replace(
+    out = q.replace(
         params=params,
         batch_stats=as_tree(model, nnx.BatchStat),
         layers=layers_from_params(params, q.layers),
     )
+    if score is not None:
+        out = out.replace(metadata={**q.metadata, "tune_scores": scores})
+    return out

@@ -252,3 +252,33 @@ def test_batch_norm_reestimate_on_a_quantized_user_model():
         model.norm.var[...], np.mean([a.var(0) for a in h], 0), rtol=1e-4, atol=1e-5
     )
     assert model.norm.momentum == 0.99
+
+
+def test_tuning_with_a_score_never_returns_a_worse_model():
+    x, y = _data(512)
+    train, held = (x[:384], y[:384]), (x[384:], y[384:])
+    model = MLP(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    step = nnx.jit(lambda m, o: o.update(m, nnx.grad(lambda m: _ce(m, *train))(m)))
+    for _ in range(100):
+        step(model, opt)
+    q = qj.quantize(model, method="kmeans", k=2)
+    q.into(model)
+    held_score = lambda m: _accuracy(m, *held)
+    start = held_score(model)
+    batches = [train] * 20
+    wild = qj.tune(model, q, _ce, batches, learning_rate=1.0)  # a step far too large
+    assert held_score(model) < start  # it does make this model worse...
+    q.into(model)
+    kept = qj.tune(model, q, _ce, batches, learning_rate=1.0, score=held_score, score_every=5)
+    assert held_score(model) == start  # ...and with a score the input comes back
+    assert [n for n, _ in kept.metadata["tune_scores"]] == [0, 5, 10, 15, 20]
+    best = max(s for _, s in kept.metadata["tune_scores"])
+    assert best == start
+    jax.tree.map(np.testing.assert_array_equal, kept.params, q.params)
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, wild.params, q.params)))
+    gentle = qj.tune(model, q, _ce, batches, learning_rate=1e-3, score=held_score)
+    assert held_score(model) >= start
+    assert [n for n, _ in gentle.metadata["tune_scores"]] == [0, 20]
+    with pytest.raises(ConfigError, match="score_every"):
+        qj.tune(model, q, _ce, batches, score=held_score, score_every=-1)
