@@ -57,7 +57,9 @@ def default_quant_config() -> ml_collections.ConfigDict:
     """Post-training quantization and codebook tuning (qarjax.quantize, qarjax.tune)."""
     return ml_collections.ConfigDict(
         dict(
-            method="auto",  # auto: nearest for sine/cosine/nearest/softmin runs, else kmeans
+            # auto: each layer to its family's own grid (the nearest of its values) where the
+            # family has one (sine, cosine, nearest, softmin, dkm, lsq), k-means otherwise
+            method="auto",
             k=-1,  # -1: reg.k (and reg.k_overrides)
             include="",  # "": reg.include
             exclude="",

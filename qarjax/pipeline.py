@@ -109,8 +109,9 @@ def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
 def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedModel:
     """Quantizes a trained state; evaluates before and after the batch-norm re-estimate.
 
-    The result's metadata: method, trained_steps, fp_accuracy, pre_tuning_accuracy_no_bn,
-    pre_tuning_accuracy, quantize_seconds."""
+    The result's metadata: method (resolved: ``nearest`` is the family's own grid), layers
+    (per layer its method, K and family), trained_steps, fp_accuracy,
+    pre_tuning_accuracy_no_bn, pre_tuning_accuracy, quantize_seconds; the config is the run's."""
     began = time.perf_counter()
     method, layers = quantization_plan(trainer, config)
     if method == "nearest" and trainer.reg.active:  # the run's K (trainers serve several)
@@ -131,6 +132,11 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedMode
     if config.quant.recompute_batch_stats:
         stats = recompute_batch_stats(trainer, state, params, config.quant.batch_stats_batches)
     pre = trainer.evaluate(state, params=params, batch_stats=stats)
+    families = {s.name: s.family for s in trainer.reg.layers}
+    made_by = {
+        path_name(path): {"method": method, "k": k, "family": families.get(path_name(path), "none")}
+        for path, k in layers
+    }
     return QuantizedModel(
         params=params,
         batch_stats=stats,
@@ -138,6 +144,7 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedMode
         config=_config_dict(config),
         metadata={
             "method": method,
+            "layers": made_by,
             "trained_steps": int(jax.device_get(state.step)),
             "fp_accuracy": fp["accuracy"],
             "pre_tuning_accuracy_no_bn": plain["accuracy"],

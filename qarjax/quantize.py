@@ -116,7 +116,10 @@ def quantize(
     grid (learned representatives or static zeros), or by 1-D k-means to its K for families
     without a grid. Otherwise `method` (``kmeans``, ``uniform``; ``nearest`` needs `reg`) with
     `k` levels on every parameter whose name fully matches `include` (at least 2-D).
-    The model itself is not changed (`QuantizedModel.into` writes the result into it).
+    The model itself is not changed (`QuantizedModel.into` writes the result into it). The
+    result's metadata (saved with it) records what made it: per layer the method ``auto``
+    resolved to (``nearest``: the nearest value of its family's own grid), K and the family,
+    and the regularization's settings (`Regularization.describe`).
 
     >>> from flax import nnx
     >>> q = quantize(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), method="kmeans", k=4)
@@ -142,7 +145,16 @@ def quantize(
         if not layers:
             raise ConfigError(f"quantize: include={include!r} fully matches no kernel")
     quantized, dequantized = quantize_params(params, layers, method=method, grids=grids)
-    return QuantizedModel(dequantized, stats, quantized, metadata={"method": method})
+    families = {s.name: s.family for s in reg.layers} if reg is not None else {}
+    made_by = {}
+    for path, k in layers:
+        name = path_name(path)
+        how = method if method != "auto" else ("nearest" if name in grids else "kmeans")
+        made_by[name] = {"method": how, "k": k, "family": families.get(name, "none")}
+    metadata = {"method": method, "layers": made_by}
+    if reg is not None:
+        metadata["regularization"] = reg.describe()
+    return QuantizedModel(dequantized, stats, quantized, metadata=metadata)
 
 
 def grids_of(reg, params: dict, quant: dict, consts: dict) -> dict[str, np.ndarray]:

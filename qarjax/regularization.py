@@ -263,6 +263,22 @@ class Regularization:
             settings=settings,
         )
 
+    def describe(self) -> dict[str, Any]:
+        """What this regularization is, JSON-ready (a model file's record of what made it):
+        per layer its family, K and lambda; the padding, the schedule and the settings."""
+        schedule = self.schedule if isinstance(self.schedule, str) else "function"
+        settings = dataclasses.asdict(self.settings)
+        if settings["given_range"] is not None:
+            settings["given_range"] = [float(v) for v in settings["given_range"]]
+        return {
+            "layers": {s.name: {"family": s.family, "k": s.k, "lam": s.lam} for s in self.layers},
+            "k_max": self.k_max,
+            "start_step": self.start_step,
+            "warmup_steps": self.warmup_steps,
+            "schedule": schedule,
+            "settings": settings,
+        }
+
     @property
     def active(self) -> bool:
         return any(s.family != "none" for s in self.layers)

@@ -282,3 +282,20 @@ def test_tuning_with_a_score_never_returns_a_worse_model():
     assert [n for n, _ in gentle.metadata["tune_scores"]] == [0, 20]
     with pytest.raises(ConfigError, match="score_every"):
         qj.tune(model, q, _ce, batches, score=held_score, score_every=-1)
+
+
+def test_a_model_file_says_what_made_it(tmp_path):
+    model = MLP(nnx.Rngs(0))
+    rules = [qj.Rule(r".*kernel", family="lsq", k=4), qj.Rule(r"out/kernel", family="linf")]
+    reg = qj.attach(model, rules, start_step=7)
+    q = qj.quantize(model, reg)
+    qj.save(tmp_path / "m.safetensors", q)
+    meta = qj.load(tmp_path / "m.safetensors").metadata
+    assert meta["layers"] == {
+        "body/kernel": {"method": "nearest", "k": 4, "family": "lsq"},  # its own grid
+        "out/kernel": {"method": "kmeans", "k": 4, "family": "linf"},  # no grid: k-means
+    }
+    assert meta["regularization"]["start_step"] == 7
+    assert meta["regularization"]["layers"]["out/kernel"]["lam"] == 0.1
+    plain = qj.quantize(MLP(nnx.Rngs(0)), method="uniform", k=2).metadata["layers"]
+    assert plain["body/kernel"] == {"method": "uniform", "k": 2, "family": "none"}
