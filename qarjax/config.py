@@ -116,7 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
             scan_mode="auto",  # auto: lax.scan on accelerators, unrolled on CPU; scan; unroll
             checkpoint_every=1,
             keep_checkpoints=2,
-            keep_period=0,  # > 0: also keep every checkpoint whose epoch is a multiple of it
+            # > 0: also keep every checkpoint whose epoch is a multiple of it; 0: of
+            # reg.start_epoch (the branch point of runs that continue this one), if > 0
+            keep_period=0,
             branch_from="",  # a workdir whose checkpoint at branch_epoch this run continues
             branch_epoch=-1,  # -1: reg.start_epoch
             progress=True,

@@ -291,7 +291,9 @@ def fit(
     open_checkpoints = lambda: Checkpointer(
         workdir / "checkpoints",
         max_to_keep=config.keep_checkpoints,
-        keep_period=config.keep_period or None,
+        # by default the epoch where regularization starts is kept: the branch point of
+        # runs that continue this one (config.branch_from)
+        keep_period=config.keep_period or config.reg.start_epoch or None,
     )
     start_epoch, train_seconds, checkpoints = 0, 0.0, None
     if resume and (workdir / "checkpoints").is_dir():

@@ -85,7 +85,8 @@ class QuantizedModel:
         ):
             if jax.tree.map(np.shape, ours) != jax.tree.map(np.shape, theirs):
                 raise ArtifactError(
-                    f"the compressed model's {kind} names or shapes do not match {what}"
+                    f"the compressed model's {kind} names or shapes do not match {what}: "
+                    f"{_first_difference(ours, theirs, what)}"
                 )
 
     def into(self, model: nnx.Module) -> nnx.Module:
@@ -155,6 +156,21 @@ def quantize(
     if reg is not None:
         metadata["regularization"] = reg.describe()
     return QuantizedModel(dequantized, stats, quantized, metadata=metadata)
+
+
+def _first_difference(ours, theirs, what: str) -> str:
+    """The first name whose presence or shape differs between a compressed model's tree
+    (`ours`) and `what`'s (`theirs`), in words."""
+    a = {path_name(p): np.shape(v) for p, v in leaves_with_paths(ours)}
+    b = {path_name(p): np.shape(v) for p, v in leaves_with_paths(theirs)}
+    for name in sorted(a.keys() | b.keys()):
+        if name not in b:
+            return f"{name} {a[name]} is in the compressed model, not in {what}"
+        if name not in a:
+            return f"{name} {b[name]} is in {what}, not in the compressed model"
+        if a[name] != b[name]:
+            return f"{name} is {a[name]} in the compressed model, {b[name]} in {what}"
+    return "the trees differ in structure"
 
 
 def grids_of(reg, params: dict, quant: dict, consts: dict) -> dict[str, np.ndarray]:

@@ -140,6 +140,14 @@ def test_an_empty_checkpoint_folder_does_not_block_resuming(tiny_config, tmp_pat
     assert fit(tiny_config, tmp_path, dataset=dataset, resume=True).summary["epochs"] == 2
 
 
+def test_a_plain_run_keeps_its_branch_point_by_default(tiny_config, tmp_path):
+    tiny_config.num_epochs, tiny_config.keep_checkpoints = 5, 1
+    tiny_config.reg.start_epoch = 2  # where regularized runs would branch off this plain one
+    fit(tiny_config, tmp_path, dataset=make_dataset(n_train=64))
+    # its multiples are kept (orbax's keep_period), and the latest
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4, 5]
+
+
 def test_summary_has_the_promised_keys(tiny_config, tmp_path):
     tiny_config.num_epochs = 1
     summary = fit(tiny_config, tmp_path, dataset=make_dataset(n_train=64)).summary
