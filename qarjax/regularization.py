@@ -156,6 +156,8 @@ class Regularization:
         tree = as_tree(params, nnx.Param)
         leaves = {path_name(p): (p, np.ndim(leaf)) for p, leaf in leaves_with_paths(tree)}
         names = {n: p for n, (p, ndim) in leaves.items() if ndim >= 1}
+        if isinstance(rules, (Rule, str)):  # one rule; a string is refused below
+            rules = [rules]
         for rule in rules:
             _check_rule(rule)
         for rule in rules:
@@ -628,6 +630,11 @@ def _shown(names) -> str:
 
 
 def _check_rule(rule: Rule) -> None:
+    if not isinstance(rule, Rule):
+        raise TypeError(
+            f"rules are qj.Rule objects (or one Rule), got {rule!r} "
+            f"({type(rule).__name__}): e.g. [qj.Rule(r'.*kernel', family='nearest', k=4)]"
+        )
     try:
         re.compile(rule.pattern)
     except re.error as e:

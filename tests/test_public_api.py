@@ -218,6 +218,95 @@ def test_a_lambda_schedule_and_start_step_in_attach():
         qj.attach(model, rule, start_step=-1)
 
 
+def test_the_decoupled_pull_under_adam_is_sgd_momentums_pull_on_the_loss():
+    # no task gradient: SGD(lr, momentum .9) on reg.penalty in the loss and Adam with the
+    # decoupled pull (same lr and lambda) must move weights and representatives alike
+    def run(decoupled):
+        model = MLP(nnx.Rngs(0))
+        reg = qj.attach(model, [qj.Rule(r".*kernel", family="nearest", k=4, lam=0.3)])
+        if decoupled:
+            tx = qj.optimizer(optax.adam(0.5), reg, decoupled=0.01, pull_momentum=0.9)
+        else:
+            tx = qj.optimizer(optax.sgd(0.01, momentum=0.9), reg)
+        opt = nnx.Optimizer(model, tx, wrt=qj.TRAINABLE)
+        for _ in range(6):
+            loss = (lambda m: 0.0 * _ce(m, *_data(8))) if decoupled else reg.penalty
+            grads = nnx.grad(loss, argnums=nnx.DiffState(0, qj.TRAINABLE))(model)
+            opt.update(model, grads, consts=reg.consts(model)) if decoupled else opt.update(
+                model, grads
+            )
+        return nnx.state(model, qj.TRAINABLE)
+
+    loss_form, pulled = run(False), run(True)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), loss_form, pulled
+    )
+    with pytest.raises(TypeError, match=r"rules are qj.Rule objects .*got 'nearest' \(str\)"):
+        qj.attach(MLP(nnx.Rngs(0)), "nearest")
+    reg = qj.attach(MLP(nnx.Rngs(0)), qj.Rule(r".*kernel", family="nearest", k=4))  # one Rule
+    with pytest.raises(ConfigError, match=r"pull_momentum must be in \[0, 1\)"):
+        qj.optimizer(optax.adam(0.1), reg, decoupled=0.1, pull_momentum=1.0)
+
+
+def _blobs(n, seed):
+    centres = np.random.default_rng(42).normal(size=(5, 16))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, n)
+    return (centres[y] + 1.2 * rng.normal(size=(n, 16))).astype(np.float32), y.astype(np.int32)
+
+
+class _Blobs(nnx.Module):
+    def __init__(self, rngs):
+        self.body, self.out = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 5, rngs=rngs)
+
+    def __call__(self, x, train=False):
+        return self.out(nnx.relu(self.body(x)))
+
+
+def _sgd_or_adamw(kind, seed, pull_momentum=0.9, lam=0.05, lr=0.05):
+    """A 5-class MLP, nearest K = 2 from step 100 of 800: quantized test accuracy and the
+    weights' mean squared distance to their nearest representative (in range^2 units)."""
+    x, y = _blobs(1024, 0)
+    xt, yt = _blobs(1024, 1)
+    model = _Blobs(nnx.Rngs(seed))
+    reg = qj.attach(model, [qj.Rule(r".*kernel", family="nearest", k=2, lam=lam)], start_step=100)
+    if kind == "sgd":  # the paper's setting: the penalty in the loss
+        tx = qj.optimizer(optax.sgd(lr, momentum=0.9), reg)
+    else:  # the same lambda and the SGD run's learning rate, decoupled
+        tx = qj.optimizer(optax.adamw(3e-3), reg, decoupled=lr, pull_momentum=pull_momentum)
+    opt = nnx.Optimizer(model, tx, wrt=qj.TRAINABLE)
+    ce = lambda m, x, y: _ce(m, x, y, train=True)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        if kind == "sgd":
+            loss = lambda m: ce(m, x, y) + reg.penalty(m, step=opt.step[...])
+            opt.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, qj.TRAINABLE))(model))
+        else:
+            grads = nnx.grad(lambda m: ce(m, x, y), argnums=nnx.DiffState(0, qj.TRAINABLE))(model)
+            opt.update(model, grads, consts=reg.consts(model))
+
+    for i in range(800):
+        j = (i * 128) % 1024
+        step(model, opt, x[j : j + 128], y[j : j + 128])
+    w, c = np.asarray(model.body.kernel[...]), np.asarray(model.body.kernel_reps[...])
+    distance = np.min((w[..., None] - c) ** 2, -1).mean() / (c.max() - c.min()) ** 2
+    qj.quantize(model, reg).into(model)
+    return _accuracy(model, xt, yt), distance
+
+
+def test_one_lambda_clusters_alike_under_sgd_momentum_and_adamw():
+    sgd = np.array([_sgd_or_adamw("sgd", s) for s in range(3)])
+    adamw = np.array([_sgd_or_adamw("adamw", s) for s in range(3)])
+    # quantized at K = 2, AdamW keeps the accuracy SGD keeps (measured: 0.747 against 0.725)
+    assert adamw[:, 0].mean() >= sgd[:, 0].mean() - 0.02, (adamw, sgd)
+    # and the weights sit as close to their representatives (measured 2.8e-3 against 1.3e-2);
+    # without the pull's momentum they sit ~3x farther than under SGD (3.7e-2)
+    assert adamw[:, 1].mean() <= 2 * sgd[:, 1].mean(), (adamw, sgd)
+    _, weak = _sgd_or_adamw("adamw", 0, pull_momentum=0.0)
+    assert weak > 2 * sgd[:, 1].mean(), (weak, sgd)
+
+
 def test_the_decoupled_pull_starts_with_the_regularizer():
     model = MLP(nnx.Rngs(0))
     reg = qj.attach(model, [qj.Rule(r"body/kernel", family="nearest", k=4, lam=0.3)], start_step=2)
