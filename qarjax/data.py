@@ -126,6 +126,39 @@ def with_holdout(dataset: Dataset, n: int, eval_split: str = "test") -> Dataset:
     return out
 
 
+TUNE_SEED = 20_260_202  # the images tuning holds out to score on: one fixed draw per dataset
+
+
+def split_for_tuning(dataset: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
+    """(tune, score): `dataset` with `fraction` of its training images held out (a fixed
+    seeded draw), and those images as a dataset of their own (train and test alike), on which
+    tuning scores its codebooks; the test split is left alone.
+
+    >>> d = Dataset("d", np.zeros((10, 2, 2, 1), np.uint8), np.arange(10, dtype=np.int32),
+    ...             np.zeros((3, 2, 2, 1), np.uint8), np.zeros(3, np.int32), ("a",))
+    >>> tune, score = split_for_tuning(d, 0.2)
+    >>> len(tune.train_labels), sorted(tune.train_labels.tolist() + score.test_labels.tolist())
+    (8, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
+    total = len(dataset.train_labels)
+    n = int(round(fraction * total))
+    if not 0 < n < total:
+        raise ConfigError(
+            f"quant.tune_holdout {fraction} of {total} training images holds out {n}: "
+            "it must leave some to score on and some to tune on"
+        )
+    order = np.random.default_rng(TUNE_SEED).permutation(total)
+    held, kept = np.sort(order[:n]), np.sort(order[n:])
+    images, labels = dataset.train_images[held], dataset.train_labels[held]
+    tune = dataclasses.replace(
+        dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept]
+    )
+    score = dataclasses.replace(
+        dataset, train_images=images, train_labels=labels, test_images=images, test_labels=labels
+    )
+    return tune, score
+
+
 def load_dataset(
     name: str,
     *,

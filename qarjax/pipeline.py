@@ -13,6 +13,7 @@ earlier versions are refused with a line saying to re-run `quantize` and `tune`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -23,7 +24,7 @@ import jax
 from qarjax import compress
 from qarjax.checkpoint import Checkpointer
 from qarjax.config import is_number, is_whole
-from qarjax.data import load_dataset
+from qarjax.data import load_dataset, split_for_tuning
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
 from qarjax.families import family
 from qarjax.loop import (
@@ -80,6 +81,8 @@ def check_quant_config(config) -> None:
         raise ConfigError(f"quant.batch_stats_batches must be >= 1, got {q.batch_stats_batches}")
     if not (is_whole(q.tune_epochs) and q.tune_epochs >= 0):
         raise ConfigError(f"quant.tune_epochs must be >= 0, got {q.tune_epochs}")
+    if not (is_number(q.tune_holdout) and 0 <= q.tune_holdout <= 0.5):
+        raise ConfigError(f"quant.tune_holdout must be in [0, 0.5], got {q.tune_holdout}")
     lr = q.tune_learning_rate
     if not (is_number(lr) and lr > 0):
         raise ConfigError(f"quant.tune_learning_rate must be finite and > 0, got {lr}")
@@ -161,45 +164,83 @@ def tuning_config(config):
     return cfg
 
 
-def tuning_trainer(config, dataset, q: QuantizedModel, k_max: int | None = None) -> Trainer:
-    """The Trainer that tunes the codebooks of `q`'s layers (K <= k_max, default the largest
-    K there): reusable for every model quantized at those layers (its step compiles once)."""
+@dataclasses.dataclass(frozen=True)
+class Tuner:
+    """What tunes the codebooks: the Trainer of the tuning step (its train split the tuning
+    images, its test split the run's evaluation split), and the held-out images it scores
+    on (`score`, on the trainer's mesh; None when quant.tune_holdout is 0)."""
+
+    trainer: Trainer
+    score: object = None
+
+
+def tuning_trainer(config, dataset, q: QuantizedModel, k_max: int | None = None) -> Tuner:
+    """The `Tuner` of `q`'s layers (K <= k_max, default the largest K there): reusable for
+    every model quantized at those layers (its step compiles once)."""
     check_quant_config(config)
     k_max = k_max or max(q.levels().values())
     tx = codebook_adam(
         [layer.path for layer in q.layers.values()], config.quant.tune_learning_rate, k_max=k_max
     )
-    return Trainer(tuning_config(config), dataset, tx=tx)
+    if not config.quant.tune_holdout:
+        return Tuner(Trainer(tuning_config(config), dataset, tx=tx))
+    tune, score = split_for_tuning(dataset, config.quant.tune_holdout)
+    trainer = Trainer(tuning_config(config), tune, tx=tx)
+    return Tuner(trainer, trainer.device_data(score))
 
 
-def tune_stage(config, dataset, q: QuantizedModel, trainer=None) -> QuantizedModel:
+def tune_stage(config, dataset, q: QuantizedModel, tuner: Tuner | None = None) -> QuantizedModel:
     """Retrains the codebooks and float leftovers for config.quant.tune_epochs epochs.
 
-    `trainer`: a `tuning_trainer` to reuse (default: a new one for `q`). The result's
-    metadata adds pre_tuning_accuracy, post_tuning_accuracy, train_losses, tune_seconds.
+    With quant.tune_holdout > 0 the tuning holds that fraction of the training images out
+    (a fixed draw), trains on the rest, scores the model (accuracy) on the held-out images
+    before tuning and after each epoch, and keeps the best it saw: the input itself when no
+    epoch beat it, so tuning never returns a model worse on its held-out images than the
+    one it was given. `tuner`: a `tuning_trainer` to reuse (default: a new one for `q`).
+    The result's metadata adds pre_tuning_accuracy, post_tuning_accuracy (on the run's
+    evaluation split), train_losses, tune_scores ([epoch, score], epoch 0: the input),
+    tune_best_epoch, tune_seconds.
     """
     check_quant_config(config)
     epochs = config.quant.tune_epochs
-    trainer = trainer or tuning_trainer(config, dataset, q)
+    tuner = tuner or tuning_trainer(config, dataset, q)
+    trainer = tuner.trainer
     check_fits_model(trainer, q)
     state = trainer.init_state(params=q.params, batch_stats=q.batch_stats)
     before = trainer.evaluate(state)
-    losses = []
+    losses, scores = [], []
+    best = (-1.0, 0, None, None)
+
+    def keep_if_best(epoch, state):  # host copies: the next epoch donates the state's buffers
+        nonlocal best
+        if tuner.score is None:
+            best = (None, epoch, state.params, state.batch_stats)
+            return
+        score = trainer.evaluate(state, data=tuner.score)["accuracy"]
+        scores.append([epoch, score])
+        if score > best[0]:
+            best = (score, epoch, *jax.device_get((state.params, state.batch_stats)))
+
     began = time.perf_counter()
+    keep_if_best(0, state)
     for epoch in range(epochs):
         state, metrics = trainer.train_epoch(state, epoch)
         losses.append(metrics["ce"])
+        keep_if_best(epoch + 1, state)
     seconds = time.perf_counter() - began
-    after = trainer.evaluate(state)
+    _, best_epoch, params, batch_stats = best
+    after = trainer.evaluate(state, params=params, batch_stats=batch_stats)
     return q.replace(
-        params=state.params,
-        batch_stats=state.batch_stats,
-        layers=layers_from_params(state.params, q.layers),
+        params=params,
+        batch_stats=batch_stats,
+        layers=layers_from_params(params, q.layers),
         metadata={
             **q.metadata,
             "pre_tuning_accuracy": before["accuracy"],
             "post_tuning_accuracy": after["accuracy"],
             "train_losses": losses,
+            "tune_scores": scores,
+            "tune_best_epoch": best_epoch,
             "tune_seconds": seconds,
         },
     )

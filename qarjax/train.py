@@ -272,19 +272,28 @@ class Trainer:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self, state: TrainState | None = None, *, params=None, batch_stats=None) -> dict:
+    def evaluate(
+        self, state: TrainState | None = None, *, params=None, batch_stats=None, data=None
+    ) -> dict:
         """Test loss and accuracy of `state` (or of `params`/`batch_stats` replacing its own).
 
         The state's own params run through the families' forward pass once regularization
         has started (DKM's soft reconstruction, LSQ's fake quantization: the model as it
-        trains); `params` given (quantized) run as they are."""
+        trains); `params` given (quantized) run as they are. `data`: a `device_data(...)` to
+        evaluate on instead of this trainer's test split (compiles once per its shape)."""
         active = self.reg.started(state.step) if params is None else jnp.bool_(False)
         params = state.params if params is None else params
         batch_stats = state.batch_stats if batch_stats is None else batch_stats
         loss, correct, n = jax.device_get(
-            self._evaluate(params, state.quant, state.consts, batch_stats, self.data.arrays, active)
+            self._evaluate(
+                params, state.quant, state.consts, batch_stats, (data or self.data).arrays, active
+            )
         )
         return {"loss": float(loss / n), "accuracy": float(correct / n)}
+
+    def device_data(self, dataset) -> DeviceData:
+        """`dataset` on this trainer's mesh, for `evaluate(data=)`."""
+        return DeviceData(dataset, self.mesh, self.data.eval_batch_size)
 
     def regularizer_metrics(self, state: TrainState) -> dict:
         """Per-layer clustering metrics (see Regularization.metrics), as host values."""

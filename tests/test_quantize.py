@@ -7,6 +7,7 @@ import pytest
 from conftest import make_dataset
 from flax import nnx
 
+from qarjax import data as data_lib
 from qarjax.errors import ConfigError
 from qarjax.kmeans import within_cluster_error
 from qarjax.models import create_model
@@ -97,3 +98,37 @@ def test_tuning_keeps_k_values_and_lowers_the_training_loss(tiny_config):
         assert distinct_values(get_in(t.params, layer.path)) <= 2, name
     losses = t.metadata["train_losses"]
     assert losses[-1] < losses[0], losses
+
+
+def test_tuning_never_returns_a_model_worse_on_its_held_out_images(tiny_config):
+    tiny_config.augment.crop_padding, tiny_config.augment.flip = 0, False
+    dataset = make_dataset(n_train=320)
+    trainer = Trainer(tiny_config, dataset)
+    state = trainer.init_state()
+    for epoch in range(2):
+        state, _ = trainer.train_epoch(state, epoch)
+    tiny_config.quant.k, tiny_config.quant.include = 4, "kernel"
+    q = quantize_stage(trainer, state, tiny_config)
+    # a learning rate that wrecks the codebooks: without keep-best tuning makes it worse
+    tiny_config.quant.tune_learning_rate, tiny_config.quant.tune_epochs = 0.5, 3
+    tiny_config.quant.tune_holdout = 0.0
+    wrecked = tune_stage(tiny_config, dataset, q)
+    tiny_config.quant.tune_holdout = 0.2
+    kept = tune_stage(tiny_config, dataset, q)
+    scores = kept.metadata["tune_scores"]
+    assert [e for e, _ in scores] == [0, 1, 2, 3]
+    best_epoch, best = max(scores, key=lambda s: s[1])  # the first best
+    assert kept.metadata["tune_best_epoch"] == best_epoch
+    assert best >= scores[0][1]  # never worse on the held-out images than the input
+    assert min(s for _, s in scores[1:]) < scores[0][1], scores  # the wrecking is real
+    # the model it returns is the one that scored best: re-scored from the returned params
+    _, score = data_lib.split_for_tuning(dataset, 0.2)
+    scorer = Trainer(tiny_config, score)
+    again = scorer.evaluate(scorer.init_state(), params=kept.params, batch_stats=kept.batch_stats)
+    assert again["accuracy"] == pytest.approx(best, abs=1e-6)
+    assert kept.metadata["post_tuning_accuracy"] > wrecked.metadata["post_tuning_accuracy"]
+    if best_epoch == 0:  # the input came back unchanged
+        jax.tree.map(np.testing.assert_array_equal, kept.params, q.params)
+    tiny_config.quant.tune_holdout = 0.7
+    with pytest.raises(ConfigError, match=r"quant.tune_holdout must be in \[0, 0.5\], got 0.7"):
+        tune_stage(tiny_config, dataset, q)
