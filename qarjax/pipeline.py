@@ -57,7 +57,10 @@ QUANTIZE_FACTS = (
     "pre_tuning_accuracy",
     "quantize_seconds",
 )
-TUNE_FACTS = ("trained_steps", "pre_tuning_accuracy", "post_tuning_accuracy", "tune_seconds")
+TUNE_FACTS = (
+    "trained_steps", "pre_tuning_accuracy", "post_tuning_accuracy", "tune_scores",
+    "tune_best_epoch", "tune_seconds",
+)  # fmt: skip
 
 
 def check_quant_config(config) -> None:
