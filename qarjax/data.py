@@ -58,6 +58,9 @@ class Dataset:
       train_images, test_images: uint8 arrays of shape (N, H, W, C).
       train_labels, test_labels: int32 arrays of shape (N,).
       class_names: the class of each label index.
+      normalization: the per-channel (mean, std) the images are normalized by; None (the
+        default): the training images' own. `split_for_tuning`'s parts keep the whole
+        one's, so a tuned model sees its images normalized as in the run that trained it.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     class_names: tuple[str, ...]
+    normalization: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -77,10 +81,14 @@ class Dataset:
 
     @property
     def channel_mean(self) -> np.ndarray:
+        if self.normalization is not None:
+            return self.normalization[0]
         return self.train_images.reshape(-1, self.image_shape[-1]).mean(0).astype(np.float32)
 
     @property
     def channel_std(self) -> np.ndarray:
+        if self.normalization is not None:
+            return self.normalization[1]
         return self.train_images.reshape(-1, self.image_shape[-1]).std(0).astype(np.float32)
 
 
@@ -114,8 +122,7 @@ def with_holdout(dataset: Dataset, n: int, eval_split: str = "test") -> Dataset:
     total = len(dataset.train_labels)
     if n >= total:
         raise ConfigError(f"holdout {n} leaves none of the {total} training images to train on")
-    order = np.random.default_rng(HOLDOUT_SEED).permutation(total)
-    held, kept = np.sort(order[:n]), np.sort(order[n:])
+    held, kept = _draw(total, n, HOLDOUT_SEED)
     out = dataclasses.replace(
         dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept]
     )
@@ -147,16 +154,25 @@ def split_for_tuning(dataset: Dataset, fraction: float) -> tuple[Dataset, Datase
             f"quant.tune_holdout {fraction} of {total} training images holds out {n}: "
             "it must leave some to score on and some to tune on"
         )
-    order = np.random.default_rng(TUNE_SEED).permutation(total)
-    held, kept = np.sort(order[:n]), np.sort(order[n:])
+    held, kept = _draw(total, n, TUNE_SEED)
     images, labels = dataset.train_images[held], dataset.train_labels[held]
+    # both parts keep the whole training set's normalization: the one the model trained with
+    norm = (dataset.channel_mean, dataset.channel_std)
     tune = dataclasses.replace(
-        dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept]
-    )
+        dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept],
+        normalization=norm,
+    )  # fmt: skip
     score = dataclasses.replace(
-        dataset, train_images=images, train_labels=labels, test_images=images, test_labels=labels
-    )
+        dataset, train_images=images, train_labels=labels, test_images=images, test_labels=labels,
+        normalization=norm,
+    )  # fmt: skip
     return tune, score
+
+
+def _draw(total: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held, kept): sorted indices of `n` of `total` images drawn by `seed`, and the rest."""
+    order = np.random.default_rng(seed).permutation(total)
+    return np.sort(order[:n]), np.sort(order[n:])
 
 
 def load_dataset(

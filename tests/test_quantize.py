@@ -122,7 +122,10 @@ def test_tuning_never_returns_a_model_worse_on_its_held_out_images(tiny_config):
     assert best >= scores[0][1]  # never worse on the held-out images than the input
     assert min(s for _, s in scores[1:]) < scores[0][1], scores  # the wrecking is real
     # the model it returns is the one that scored best: re-scored from the returned params
-    _, score = data_lib.split_for_tuning(dataset, 0.2)
+    tune, score = data_lib.split_for_tuning(dataset, 0.2)
+    for part in (tune, score):  # normalized as the run that trained the model
+        np.testing.assert_array_equal(part.channel_mean, dataset.channel_mean)
+        np.testing.assert_array_equal(part.channel_std, dataset.channel_std)
     scorer = Trainer(tiny_config, score)
     again = scorer.evaluate(scorer.init_state(), params=kept.params, batch_stats=kept.batch_stats)
     assert again["accuracy"] == pytest.approx(best, abs=1e-6)
