@@ -44,9 +44,9 @@ import numpy as np
 
 from qarjax.compress import size_report
 from qarjax.config import load_config
-from qarjax.data import load_dataset
 from qarjax.loop import fit
 from qarjax.pipeline import quantize_stage, tune_stage, tuning_trainer
+from qarjax.spec import build, load_data
 from qarjax.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,35 +148,36 @@ class Sweep:
         self.tuners: dict = {}  # model -> tuning Trainer
         self.runs: dict = {}  # Cell.training -> (FitResult, own train seconds)
 
-    def data(self, config):
+    def data(self, spec):
         if self.dataset is None:
-            self.dataset = load_dataset(
-                config.dataset, data_dir=config.data_dir or None,
-                channels=config.dataset_channels, holdout=config.holdout,
-                eval_split=config.eval_split,
-            )  # fmt: skip
+            self.dataset = load_data(spec.data)  # the CLI's loader
         return self.dataset
 
-    def config_for(self, cell: Cell):
+    def spec_for(self, cell: Cell, branch_from: str = ""):
+        """The run spec of `cell`: its config built and checked once."""
         config = base_config(cell.model, cell.family, self.args)
         config.seed = cell.seed
         config.reg.k = cell.k
-        return config
+        config.quant.method, config.quant.k = cell.method, cell.k
+        config.branch_from = branch_from
+        return build(config)
 
-    def train(self, cell: Cell, config):
+    def train(self, cell: Cell):
         """The trained run of `cell` (trained now, restored from its workdir, or cached)."""
         if cell.training in self.runs:
             return self.runs[cell.training]
         shared = cell.family != "none" and not self.args.from_scratch
+        branch_from = ""
         if shared:  # the plain run it branches off comes first
             plain = Cell(cell.model, "none", cell.k, cell.seed, "kmeans")
-            self.train(plain, self.config_for(plain))
-            config.branch_from = str(self.run_dir(plain.training))
+            self.train(plain)
+            branch_from = str(self.run_dir(plain.training))
+        spec = self.spec_for(cell, branch_from)
         key = (cell.model, cell.family, cell.seed)
         if key not in self.trainers:
-            self.trainers[key] = Trainer(config, self.data(config))
+            self.trainers[key] = Trainer(spec, self.data(spec))
         # resume: a finished run is restored, a killed one continues from its checkpoint.
-        result = fit(config, self.run_dir(cell.training), resume=True, trainer=self.trainers[key])
+        result = fit(spec, self.run_dir(cell.training), resume=True, trainer=self.trainers[key])
         self.runs[cell.training] = (result, result.summary["train_seconds"])
         return self.runs[cell.training]
 
@@ -185,17 +186,16 @@ class Sweep:
         return self.workdir / f"{model}_{family}_k{k or 'any'}_s{seed}" / "train"
 
     def run(self, cell: Cell) -> dict:
-        config = self.config_for(cell)
-        result, train_seconds = self.train(cell, config)
-        config.quant.method, config.quant.k = cell.method, cell.k
+        spec = self.spec_for(cell)
+        result, train_seconds = self.train(cell)
         t0 = time.perf_counter()
-        q = quantize_stage(result.trainer, result.state, config)
+        q = quantize_stage(result.trainer, result.state, spec)
         t1 = time.perf_counter()
         if cell.model not in self.tuners:
             self.tuners[cell.model] = tuning_trainer(
-                config, self.data(config), q, k_max=max(self.args.ks)
+                spec, self.data(spec), q, k_max=max(self.args.ks)
             )
-        t = tune_stage(config, self.data(config), q, tuner=self.tuners[cell.model])
+        t = tune_stage(spec, self.data(spec), q, tuner=self.tuners[cell.model])
         t2 = time.perf_counter()
         sizes = size_report(jax.device_get(t.params), t.layers)
         return {
@@ -265,15 +265,17 @@ def measured_rates(models, args) -> dict[str, float]:
     """Images/s of the plain train step per model, measured here (compile excluded)."""
     rates = {}
     for model in models:
-        config = base_config(model, "none", args)
-        trainer = Trainer(config, load_dataset(config.dataset, data_dir=config.data_dir or None))
+        spec = build(base_config(model, "none", args))
+        trainer = Trainer(spec, load_data(spec.data))
         state = trainer.init_state()
         state, _ = trainer.train_epoch(state, 0)  # compiles
         jax.block_until_ready(state.params)
         began = time.perf_counter()
         state, _ = trainer.train_epoch(state, 1)
         jax.block_until_ready(state.params)
-        rates[model] = trainer.steps_per_epoch * config.batch_size / (time.perf_counter() - began)
+        rates[model] = (
+            trainer.steps_per_epoch * spec.train.batch_size / (time.perf_counter() - began)
+        )
     return rates
 
 

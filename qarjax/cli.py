@@ -166,6 +166,9 @@ def _init_distributed(args: Invocation) -> None:
 
 
 def run_command(args: Invocation) -> None:
+    from qarjax.spec import build
+
+    spec = build(args.config)  # every value checked, before the workdir is touched
     _init_distributed(args)
     import jax
 
@@ -173,14 +176,14 @@ def run_command(args: Invocation) -> None:
 
     writes = args.command != "eval" and jax.process_index() == 0
     with workdir_lock(args.workdir) if writes else contextlib.nullcontext():
-        run_in_workdir(args)
+        run_in_workdir(args, spec)
 
 
-def run_in_workdir(args: Invocation) -> None:
+def run_in_workdir(args: Invocation, spec) -> None:
     if args.command == "train":
         from qarjax.loop import fit
 
-        result = fit(args.config, args.workdir, resume=args.resume, overwrite=args.overwrite)
+        result = fit(spec, args.workdir, resume=args.resume, overwrite=args.overwrite)
         s = result.summary
         print(
             f"done: test accuracy {s['test_accuracy']:.4f}, {s['epochs']} epochs, "
@@ -190,7 +193,7 @@ def run_in_workdir(args: Invocation) -> None:
         return
     from qarjax import pipeline
 
-    pipeline.run_command(args.command, args.config, args)
+    pipeline.run_command(args.command, spec, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ the closest key (``config.reg.lamda = 0.3`` raises ``Did you mean "lam"``); add 
 inside ``with config.unlocked():``. Config files under configs/ start from `default_config()`
 and change what they need; `load_config` loads a config file with ml_collections' config_flags
 (the loader the CLI's ``--config`` uses) and refuses a bad file with one line; the CLI
-overrides any key with ``--config.key=value``.
+overrides any key with ``--config.key=value``. Every value is checked, once, where the config
+becomes a run spec (`qarjax.spec.build`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
-import math
 from pathlib import Path
 
 import ml_collections
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from qarjax.errors import ConfigError, short
+from qarjax.errors import ConfigError
 
 _LOADS = itertools.count()  # a fresh module name per load: no globals left from another file
 
@@ -212,60 +212,3 @@ def check_key(config: ml_collections.ConfigDict, key: str) -> None:
         closest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
         hint = f": the closest key is {closest[0]!r}" if closest else ""
         raise ConfigError(f"unknown config key {key!r}{hint}")
-
-
-def is_number(v) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def is_whole(v) -> bool:
-    """An int (not a bool)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-# key: (test, what the value must be). The keys no other check reads: the regularizer's
-# (qarjax.regularization), the data's (qarjax.data), the model's and the Trainer's own
-# (batch size, epochs, dtype, scan mode) are checked where they are used.
-RANGES = {
-    "learning_rate": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
-    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: is_number(v) and v >= 0, ">= 0 and finite"),
-    "grad_clip": (lambda v: is_number(v) and v >= 0, ">= 0 and finite (0: off)"),
-    "lr_decay_factor": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
-    "warmup_epochs": (lambda v: is_whole(v) and v >= 0, "a whole number >= 0"),
-    "label_smoothing": (lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)"),
-    "dropout": (lambda v: is_number(v) and (v < 0 or v < 1), "in [0, 1) (< 0: the model's)"),
-    "eval_batch_size": (lambda v: is_whole(v) and v >= 1, "a whole number >= 1"),
-    "scan_steps": (lambda v: is_whole(v) and (v == -1 or v >= 1), "-1 (auto) or >= 1"),
-    "seed": (lambda v: is_whole(v) and 0 <= v < 2**32, "a whole number in [0, 2**32)"),
-    "reg.warmup_epochs": (lambda v: is_whole(v) and v >= 0, "a whole number >= 0"),
-    "reg.temperature": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
-    "reg.dkm_temperature": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
-    "reg.reps_step": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
-    "reg.quant_lr": (lambda v: is_number(v) and v > 0, "> 0 and finite"),
-}
-
-
-def check_ranges(config) -> None:
-    """Every key of RANGES in its range, and the warm-up no longer than the run: one line
-    naming the key, before anything is built (the Trainer calls it first)."""
-    for key, (test, what) in RANGES.items():
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        if not test(node):
-            raise ConfigError(f"{key} must be {what}, got {short(node)}")
-    if config.warmup_epochs > config.num_epochs:
-        raise ConfigError(
-            f"warmup_epochs={config.warmup_epochs} is longer than the run "
-            f"(num_epochs={config.num_epochs})"
-        )
-
-
-def check_loop_config(config) -> None:
-    """Validates the keys the fit loop reads (the Trainer validates the rest)."""
-    for key, low in (("checkpoint_every", 1), ("keep_checkpoints", 1), ("keep_period", 0)):
-        value = config[key]
-        if not (isinstance(value, int) and value >= low):
-            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarjax.errors import ConfigError, DataError
+from qarjax.errors import ConfigError, DataError, short
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes decoded as one channel
@@ -96,6 +96,17 @@ EVAL_SPLITS = ("test", "holdout")
 HOLDOUT_SEED = 20_260_101  # one fixed draw: every run of a study holds out the same images
 
 
+def check_split(n, eval_split: str) -> None:
+    """`n` held-out images and the evaluation split, as `with_holdout` takes them (the data's
+    size aside: checked there)."""
+    if eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"eval_split must be one of {EVAL_SPLITS}, got {short(eval_split)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"holdout must be a whole number >= 0, got {short(n)}")
+    if n == 0 and eval_split == "holdout":
+        raise ConfigError("eval_split 'holdout' needs holdout > 0 (images to hold out)")
+
+
 def with_holdout(dataset: Dataset, n: int, eval_split: str = "test") -> Dataset:
     """`dataset` with `n` training images held out (a fixed seeded draw, the same for every
     run): it trains on the rest; with ``eval_split="holdout"`` the held-out images replace
@@ -111,13 +122,8 @@ def with_holdout(dataset: Dataset, n: int, eval_split: str = "test") -> Dataset:
     >>> len(v.train_labels), sorted(v.train_labels.tolist() + v.test_labels.tolist())
     (6, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     """
-    if eval_split not in EVAL_SPLITS:
-        raise ConfigError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ConfigError(f"holdout must be a whole number >= 0, got {n!r}")
+    check_split(n, eval_split)
     if n == 0:
-        if eval_split == "holdout":
-            raise ConfigError("eval_split 'holdout' needs holdout > 0 (images to hold out)")
         return dataset
     total = len(dataset.train_labels)
     if n >= total:
@@ -452,17 +458,26 @@ def resolve_augmentation(augment_config, dataset: Dataset) -> Augmentation:
         "the config" if pad is not None else default,
         "the config" if flip is not None else default,
     )
+    check_augmentation(pad, flip)
     pad = min(h, w) // 8 if pad is None else pad
     flip = dataset.name in FLIP_BY_DEFAULT if flip is None else flip
-    if isinstance(pad, bool) or not isinstance(pad, int | np.integer) or pad < 0:
-        raise ConfigError(f"augment.crop_padding must be an integer >= 0 (0: no crop), got {pad!r}")
     if pad >= min(h, w):
         raise ConfigError(
             f"augment.crop_padding={pad} must be smaller than the {h}x{w} images' side"
         )
-    if not isinstance(flip, bool | np.bool_):
-        raise ConfigError(f"augment.flip must be True or False, got {flip!r}")
     return Augmentation(int(pad), bool(flip), origin)
+
+
+def check_augmentation(pad, flip) -> None:
+    """`config.augment`'s values (None: the dataset's default); the crop against the image
+    size is checked by `resolve_augmentation`."""
+    bad_pad = isinstance(pad, bool) or not isinstance(pad, int | np.integer) or pad < 0
+    if pad is not None and bad_pad:
+        raise ConfigError(
+            f"augment.crop_padding must be an integer >= 0 (0: no crop), got {short(pad)}"
+        )
+    if flip is not None and not isinstance(flip, bool | np.bool_):
+        raise ConfigError(f"augment.flip must be True or False, got {short(flip)}")
 
 
 def augment(images: jax.Array, key: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:

@@ -1,6 +1,6 @@
 """The fit loop: epochs, evaluation, metrics, checkpoints, resume and the run summary.
 
-``fit(config, workdir)`` is what ``qarjax train`` runs, and what a notebook calls. The
+``fit(spec_or_config, workdir)`` is what ``qarjax train`` runs, and what a notebook calls. The
 workdir holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and, at
 the end, ``summary.json``. A checkpoint is written after every ``checkpoint_every`` epochs;
 ``resume=True`` continues from the latest one with the same step, data order and RNG, so the
@@ -24,11 +24,12 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from qarjax import spec as spec_lib
 from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
-from qarjax.config import check_loop_config
-from qarjax.data import Dataset, load_dataset
+from qarjax.data import Dataset
 from qarjax.errors import ConfigError, QarjaxError, short
 from qarjax.metrics import MetricsWriter, to_python
+from qarjax.spec import RunSpec, as_spec
 from qarjax.train import Trainer, TrainState
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "summary.json", "config.json")
@@ -46,14 +47,6 @@ RUN_OUTPUTS = RUN_MARKERS + (
     "quantized.qarjax",  # the format-1 model files of runs made before the .safetensors ones
     "tuned.qarjax",
 )
-# Keys a caller's Trainer may differ in from fit's config: K (data in the compiled step) and
-# what only the loop reads. Any other difference would silently train the trainer's config.
-TRAINER_FREE_KEYS = {
-    "reg.k", "reg.k_overrides", "progress", "tensorboard", "checkpoint_every",
-    "keep_checkpoints", "keep_period", "branch_from", "branch_epoch", "init_from",
-}  # fmt: skip
-
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -116,24 +109,12 @@ def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool, clear: bool
                 path.unlink()
 
 
-def _trained_keys(d: dict, prefix: str = "") -> dict:
-    """A config as a dict, flattened to dotted keys (``reg.lam``), without the keys that do
-    not change training: TRAINER_FREE_KEYS and quant.* (the later stages')."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_trained_keys(v, f"{key}."))
-        elif key not in TRAINER_FREE_KEYS and not key.startswith("quant."):
-            out[key] = v
-    return out
-
-
-def check_resume_config(workdir: Path, config) -> None:
-    """Refuses to resume a run under a config that trains differently from the one it was
+def check_resume_config(workdir: Path, spec: RunSpec) -> None:
+    """Refuses to resume a run under a spec that trains differently from the one it was
     started with (config.json): a longer num_epochs would retrain a finished run, another
-    learning rate would continue it as a different run. Keys absent from the old file (added
-    to qarjax later) are not compared."""
+    learning rate would continue it as a different run (`qarjax.spec.training_differences`:
+    K, the loop's keys and quant.* may change). Keys absent from the old file (added to
+    qarjax later) take the new config's values."""
     path = workdir / "config.json"
     if not path.is_file():
         return
@@ -143,13 +124,9 @@ def check_resume_config(workdir: Path, config) -> None:
         raise QarjaxError(f"cannot resume: {path} is not a readable config ({e})") from None
     if not isinstance(saved, dict):
         raise QarjaxError(f"cannot resume: {path} holds no config object")
-
-    # what the loop reports and keeps, K, where it branched from and quant.* may change
-    old = _trained_keys(saved)
-    new = _trained_keys(json.loads(config.to_json_best_effort()))
-    differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+    differ = spec_lib.saved_differences(saved, spec)
     if differ:
-        shown = ", ".join(f"{k} {short(old[k], 40)} -> {short(new[k], 40)}" for k in differ[:4])
+        shown = ", ".join(f"{k} {short(a, 40)} -> {short(b, 40)}" for k, a, b in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise ConfigError(
             f"cannot resume {workdir}: the config differs from the run's ({shown}{more}); "
@@ -179,16 +156,14 @@ def workdir_lock(workdir: str | Path):
         handle.close()
 
 
-def check_trainer_fits(trainer_config, config) -> None:
-    """Refuses a Trainer built for a config that differs from `config` beyond the keys a
-    trainer can serve unchanged (TRAINER_FREE_KEYS, and quant.* which fit does not read)."""
-
-    a, b = (_trained_keys(c.to_dict()) for c in (trainer_config, config))
-    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+def check_trainer_fits(trainer_spec: RunSpec, spec: RunSpec) -> None:
+    """Refuses a Trainer built for a spec that trains differently from `spec` (K, the loop's
+    keys and quant.* aside: `qarjax.spec.training_differences`)."""
+    differ = spec_lib.training_differences(trainer_spec, spec)
     if differ:
         raise ConfigError(
-            f"the given trainer was built for another config ({', '.join(differ)} differ): "
-            "build a Trainer for this config"
+            f"the given trainer was built for another config ({', '.join(k for k, _, _ in differ)}"
+            " differ): build a Trainer for this config"
         )
 
 
@@ -232,7 +207,7 @@ def restore_latest(checkpoints: Checkpointer, state: TrainState) -> tuple[TrainS
 
 
 def fit(
-    config,
+    spec,
     workdir: str | Path,
     *,
     resume: bool = False,
@@ -241,59 +216,54 @@ def fit(
     trainer: Trainer | None = None,
     stop_after_epoch: int | None = None,
 ) -> FitResult:
-    """Trains `config` in `workdir`; the summary is also written to summary.json.
+    """Trains `spec` in `workdir`; the summary is also written to summary.json.
 
     Args:
-      config: a full config (qarjax.config.default_config() plus changes).
+      spec: the run (`qarjax.spec.RunSpec`, or a full ConfigDict: built into one first, so
+        every value is checked before anything else).
       workdir: the run's folder.
       resume: continue from the latest checkpoint in `workdir`.
       overwrite: replace a run already in `workdir`.
-      dataset: an already loaded dataset (default: load config.dataset).
-      trainer: an already built Trainer (to reuse its compiled steps): its config may differ
-        from `config` only in reg.k / reg.k_overrides (K is data in the step) and loop keys.
+      dataset: an already loaded dataset (default: load spec.data).
+      trainer: an already built Trainer (to reuse its compiled steps): its spec may differ
+        from `spec` only in reg.k / reg.k_overrides (K is data in the step) and loop keys.
       stop_after_epoch: return after this epoch (for tests of interrupted runs).
 
-    With ``config.branch_from`` set, the run continues another run's trajectory from that
-    run's checkpoint at ``config.branch_epoch`` (default: reg.start_epoch): params, batch
+    With ``branch_from`` set, the run continues another run's trajectory from that run's
+    checkpoint at ``branch_epoch`` (default: reg.start_epoch): params, batch
     statistics, step, RNG and the weights' optimizer state are taken over, so a regularized
     run shares the plain pre-training of a plain run (the study trains it once per model).
     """
     workdir = Path(workdir).absolute()
-    check_loop_config(config)
+    spec = as_spec(spec)
+    loop = spec.loop
     # Every check comes before the workdir is written or cleared: the workdir itself, the
     # resumed run's config, the data, the model, the optimizer (the Trainer), the checkpoint
     # to resume or branch from. Only then does --overwrite remove the old run and config.json
     # get (re)written, so a refused start changes nothing of finished work.
     prepare_workdir(workdir, resume=resume, overwrite=overwrite, clear=False)
     if resume:
-        check_resume_config(workdir, config)
+        check_resume_config(workdir, spec)
     if trainer is None:
-        dataset = dataset or load_dataset(
-            config.dataset,
-            data_dir=config.data_dir or None,
-            channels=config.dataset_channels,
-            holdout=config.holdout,
-            eval_split=config.eval_split,
-        )
-        trainer = Trainer(config, dataset)
+        trainer = Trainer(spec, dataset or spec_lib.load_data(spec.data))
     else:
-        check_trainer_fits(trainer.config, config)
+        check_trainer_fits(trainer.spec, spec)
     if jax.process_index() == 0:  # a run's first log line
         print(trainer.augmentation.describe(), flush=True)
-    ks = trainer.reg.ks_for(config.reg) if trainer.reg.active else None
-    reg_start = int(config.reg.start_epoch)
+    ks = trainer.reg.ks_for(spec.reg) if trainer.reg.active else None
+    reg_start = spec.reg.start_epoch
     state = trainer.init_state()
-    if config.init_from:  # a pretrained model to start from (resume still wins below)
+    if loop.init_from:  # a pretrained model to start from (resume still wins below)
         params, stats = load_pretrained(
-            config.init_from, jax.device_get(state.params), jax.device_get(state.batch_stats)
+            loop.init_from, jax.device_get(state.params), jax.device_get(state.batch_stats)
         )
         state = trainer.init_state(params=params, batch_stats=stats)
     open_checkpoints = lambda: Checkpointer(
         workdir / "checkpoints",
-        max_to_keep=config.keep_checkpoints,
+        max_to_keep=loop.keep_checkpoints,
         # by default the epoch where regularization starts is kept: the branch point of
-        # runs that continue this one (config.branch_from)
-        keep_period=config.keep_period or config.reg.start_epoch or None,
+        # runs that continue this one (branch_from)
+        keep_period=loop.keep_period or reg_start or None,
     )
     start_epoch, train_seconds, checkpoints = 0, 0.0, None
     if resume and (workdir / "checkpoints").is_dir():
@@ -304,37 +274,28 @@ def fit(
             except BaseException:
                 checkpoints.close()
                 raise
-    if start_epoch == 0 and config.branch_from:
-        start_epoch = reg_start if config.branch_epoch < 0 else int(config.branch_epoch)
-        if trainer.reg.active and start_epoch > reg_start:
-            raise ConfigError(
-                f"branch_epoch={start_epoch} is after reg.start_epoch={reg_start}: the "
-                "regularizer would start late"
-            )
-        if not 0 < start_epoch < config.num_epochs:
-            raise ConfigError(
-                f"branch_epoch={start_epoch} must be in [1, num_epochs={config.num_epochs})"
-            )
-        state = load_branch_point(config.branch_from, start_epoch, state)
+    if start_epoch == 0 and loop.branch_from:
+        start_epoch = loop.branch_epoch
+        state = load_branch_point(loop.branch_from, start_epoch, state)
     if jax.process_count() > 1:  # every process checks the workdir before process 0 writes
         multihost_utils.sync_global_devices("qarjax: workdir checked")
     main_process = jax.process_index() == 0
     if main_process:
         prepare_workdir(workdir, resume=resume, overwrite=overwrite, clear=True)
-        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+        write_text_atomic(workdir / "config.json", spec.config_json(indent=2) + "\n")
     checkpoints = checkpoints or open_checkpoints()
-    writer = MetricsWriter(workdir, enabled=main_process, tensorboard=config.tensorboard)
+    writer = MetricsWriter(workdir, enabled=main_process, tensorboard=loop.tensorboard)
     writer.truncate_after(start_epoch)
     test, epoch_rates = {"loss": float("nan"), "accuracy": float("nan")}, []
     try:
-        for epoch in range(start_epoch, config.num_epochs):
+        for epoch in range(start_epoch, spec.train.num_epochs):
             if trainer.reg.active and epoch == reg_start:
                 state = trainer.start_regularization(state, ks)
             bar = tqdm(
                 total=trainer.steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                desc=f"epoch {epoch + 1}/{spec.train.num_epochs}",
                 # None: tqdm shows the bar on a terminal only, so logs stay clean.
-                disable=None if (config.progress and main_process) else True,
+                disable=None if (loop.progress and main_process) else True,
                 leave=False,
                 unit="step",
             )
@@ -344,7 +305,7 @@ def fit(
             seconds = time.perf_counter() - began
             bar.close()
             train_seconds += seconds
-            rate = trainer.steps_per_epoch * config.batch_size / seconds
+            rate = trainer.steps_per_epoch * spec.train.batch_size / seconds
             epoch_rates.append(rate)
             test = trainer.evaluate(state)
             record = {
@@ -355,19 +316,20 @@ def fit(
                 "epoch_seconds": seconds,
                 "images_per_second": rate,
             }
-            if trainer.reg.layers and (trainer.reg.active or config.reg.k >= 2):
+            if trainer.reg.layers and (trainer.reg.active or spec.reg.k >= 2):
                 record["layers"] = trainer.regularizer_metrics(state)
             with deferred_stop():  # the epoch's metrics line and its checkpoint go together
                 writer.write(record["step"], record)
                 if main_process:
                     print(
-                        f"epoch {epoch + 1}/{config.num_epochs}: train loss {train['loss']:.4f} "
-                        f"acc {train['accuracy']:.4f} | test loss {test['loss']:.4f} "
-                        f"acc {test['accuracy']:.4f} | {seconds:.1f}s, {rate:,.0f} img/s",
+                        f"epoch {epoch + 1}/{spec.train.num_epochs}: train loss "
+                        f"{train['loss']:.4f} acc {train['accuracy']:.4f} | test loss "
+                        f"{test['loss']:.4f} acc {test['accuracy']:.4f} | {seconds:.1f}s, "
+                        f"{rate:,.0f} img/s",
                         flush=True,
                     )
-                last = epoch + 1 == config.num_epochs
-                if (epoch + 1) % config.checkpoint_every == 0 or last:
+                last = epoch + 1 == spec.train.num_epochs
+                if (epoch + 1) % loop.checkpoint_every == 0 or last:
                     checkpoints.save(
                         epoch + 1,
                         {
@@ -381,13 +343,13 @@ def fit(
     finally:
         checkpoints.close()
         writer.close()
-    if start_epoch >= config.num_epochs:  # resumed a finished run: report its final state
+    if start_epoch >= spec.train.num_epochs:  # resumed a finished run: report its final state
         test = trainer.evaluate(state)
     steady = epoch_rates[1:] or epoch_rates
     summary = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "regularizer": config.reg.family,
+        "model": spec.model.name,
+        "dataset": spec.data.name,
+        "regularizer": spec.reg.family,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "epochs": int(jax.device_get(state.step)) // trainer.steps_per_epoch,
@@ -397,6 +359,6 @@ def fit(
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "processes": jax.process_count(),
     }
-    if main_process and (stop_after_epoch is None or summary["epochs"] >= config.num_epochs):
+    if main_process and (stop_after_epoch is None or summary["epochs"] >= spec.train.num_epochs):
         write_json_atomic(workdir / "summary.json", summary)
     return FitResult(summary, state, trainer)

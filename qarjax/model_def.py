@@ -36,20 +36,21 @@ class ModelDef:
     initial: dict
 
     @classmethod
-    def build(cls, config, dataset, *, dtype, steps_per_epoch: int) -> ModelDef:
-        """The config's model for `dataset`'s images and classes, with config.reg attached."""
+    def build(cls, spec, dataset, *, steps) -> ModelDef:
+        """The model of a `qarjax.spec.RunSpec` for `dataset`'s images and classes, with its
+        regularization attached (`steps`: the run's `StepCounts`)."""
         model = create_model(
-            config.model,
+            spec.model.name,
             num_classes=dataset.num_classes,
             image_shape=dataset.image_shape,
-            seed=config.seed,
-            dtype=dtype,
-            dropout=None if config.dropout < 0 else config.dropout,
-            width=config.model_width,
+            seed=spec.seed,
+            dtype=spec.model.dtype,
+            dropout=spec.model.dropout,
+            width=spec.model.width,
         )
         plain = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        reg = Regularization.from_config(
-            config.reg, plain, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
+        reg = Regularization.from_spec(
+            spec.reg, plain, start_step=steps.reg_start, warmup_steps=steps.reg_warmup
         )
         if reg.active:
             reg.attach(model)

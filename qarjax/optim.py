@@ -1,4 +1,4 @@
-"""Optimizers for regularized models, and the learning-rate schedules of the config.
+"""Optimizers for regularized models, and the learning-rate schedules of a run spec.
 
 `optimizer(tx, reg)` is an optax transform over a model's trainable state (its weights and
 its quantization params, the tree ``nnx.state(model, TRAINABLE)`` holds) that routes each leaf
@@ -51,31 +51,19 @@ OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 
 
-def make_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
-    """Learning rate: linear warm-up over cfg.warmup_epochs, then constant, cosine (to 0 at
-    the last epoch) or step decay (x cfg.lr_decay_factor at each epoch in cfg.lr_boundaries)."""
-    lr = float(cfg.learning_rate)
-    if not lr > 0:
-        raise ConfigError(f"learning_rate must be > 0, got {lr}")
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    total = max(int(cfg.num_epochs * steps_per_epoch), warmup + 1)
-    if cfg.lr_schedule == "constant":
+def make_schedule(train, steps) -> optax.Schedule:
+    """Learning rate of a `qarjax.spec.TrainSpec`, for its `qarjax.spec.StepCounts`: linear
+    warm-up, then constant, cosine (to 0 at the last step) or step decay (x lr_decay_factor
+    at each of lr_boundaries)."""
+    lr, warmup = train.learning_rate, steps.warmup
+    if train.lr_schedule == "constant":
         main = optax.constant_schedule(lr)
-    elif cfg.lr_schedule == "cosine":
-        main = optax.cosine_decay_schedule(lr, decay_steps=total - warmup)
-    elif cfg.lr_schedule == "step":
-        try:
-            bounds = [int(b) for b in str(cfg.lr_boundaries).split(",") if b.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"lr_boundaries must be comma-separated epochs such as '30,45', "
-                f"got {cfg.lr_boundaries!r}"
-            ) from None
+    elif train.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps=steps.total - warmup)
+    else:  # "step" (the spec knows no other)
         main = optax.piecewise_constant_schedule(
-            lr, {b * steps_per_epoch - warmup: cfg.lr_decay_factor for b in bounds}
+            lr, {b: train.lr_decay_factor for b in steps.lr_boundaries}
         )
-    else:
-        raise ConfigError(f"unknown lr_schedule {cfg.lr_schedule!r}: choose one of {SCHEDULES}")
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -209,37 +197,30 @@ def optimizer(
     return decoupled_pull(reg, decoupled, routed, pull_momentum)
 
 
-def _weights_optimizer(cfg, schedule, mask) -> optax.GradientTransformation:
-    name, wd = cfg.optimizer, float(cfg.weight_decay)
-    if wd < 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {wd}")
-    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    if name in ("sgd", "nesterov"):
+def _weights_optimizer(train, schedule, mask) -> optax.GradientTransformation:
+    wd = train.weight_decay
+    parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+    if train.optimizer in ("sgd", "nesterov"):
         parts += [
             optax.add_decayed_weights(wd, mask=mask),
-            optax.sgd(schedule, momentum=cfg.momentum, nesterov=name == "nesterov"),
+            optax.sgd(schedule, momentum=train.momentum, nesterov=train.optimizer == "nesterov"),
         ]
-    elif name == "adamw":
+    else:  # "adamw" (the spec knows no other)
         parts.append(optax.adamw(schedule, weight_decay=wd, mask=mask))
-    else:
-        raise ConfigError(f"unknown optimizer {name!r}: choose one of {OPTIMIZERS}")
     return optax.chain(*parts)
 
 
-def make_optimizer(cfg, reg, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The config's optimizer over a model's trainable tree (weights and quantization
-    params, as `optimizer` routes them)."""
-    schedule = make_schedule(cfg, steps_per_epoch)
-    try:
-        decay = re.compile(cfg.weight_decay_include)
-    except re.error as e:
-        raise ConfigError(f"bad weight_decay_include regex: {e}") from None
+def make_optimizer(spec, reg, steps) -> optax.GradientTransformation:
+    """The optimizer of a `qarjax.spec.RunSpec` over a model's trainable tree (weights and
+    quantization params, as `optimizer` routes them); `steps`: its `StepCounts`."""
+    schedule = make_schedule(spec.train, steps)
+    decay = re.compile(spec.train.weight_decay_include)
 
     def mask(tree):  # a callable, so it fits the masked tree optax.partition passes in
         return name_map(lambda name, _: bool(decay.search(name)), tree, is_leaf=is_variable)
 
-    weights = _weights_optimizer(cfg, schedule, mask)
-    return optimizer(weights, reg, reps_step=cfg.reg.reps_step, scalars_lr=cfg.reg.quant_lr)
+    weights = _weights_optimizer(spec.train, schedule, mask)
+    return optimizer(weights, reg, reps_step=spec.reg.reps_step, scalars_lr=spec.reg.quant_lr)
 
 
 def reset_quant_state(tx: optax.GradientTransformation, opt_state, trainable: dict, init=None):

@@ -12,10 +12,8 @@ earlier versions are refused with a line saying to re-run `quantize` and `tune`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 
@@ -23,10 +21,8 @@ import jax
 
 from qarjax import compress
 from qarjax.checkpoint import Checkpointer
-from qarjax.config import is_number, is_whole
-from qarjax.data import load_dataset, split_for_tuning
+from qarjax.data import split_for_tuning
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
-from qarjax.families import family
 from qarjax.loop import (
     FitResult,
     TrainState,
@@ -36,15 +32,14 @@ from qarjax.loop import (
     write_json_atomic,
 )
 from qarjax.quantize import (
-    METHODS,
     QuantizedModel,
-    check_k,
     grids_of,
     layers_from_params,
     quantize_params,
 )
-from qarjax.regularization import first_match, parse_overrides, select_layers
+from qarjax.regularization import first_match, select_layers
 from qarjax.report import write_report
+from qarjax.spec import RunSpec, as_spec, load_data
 from qarjax.train import Trainer
 from qarjax.trees import path_name
 from qarjax.tune import codebook_adam, recompute_batch_stats
@@ -63,65 +58,31 @@ TUNE_FACTS = (
 )  # fmt: skip
 
 
-def check_quant_config(config) -> None:
-    """Every quant.* value, checked before any stage runs (`run` checks them before it
-    trains, so a bad tuning setting never costs a training run or touches its files)."""
-    q = config.quant
-    if q.method != "auto" and q.method not in METHODS:
-        raise ConfigError(f"unknown quantization method {q.method!r}: choose one of {METHODS}")
-    if q.method == "nearest" and not family(config.reg.family).has_grid:
-        raise ConfigError(
-            f"method 'nearest' needs a grid: reg.family {config.reg.family!r} has none"
-        )
-    if q.k != -1:
-        check_k(q.k)
-    for key in ("include", "exclude"):
-        try:
-            re.compile(q[key])
-        except re.error as e:
-            raise ConfigError(f"quant.{key} {q[key]!r} is not a regular expression: {e}") from None
-    if not (is_whole(q.batch_stats_batches) and q.batch_stats_batches >= 1):
-        raise ConfigError(f"quant.batch_stats_batches must be >= 1, got {q.batch_stats_batches}")
-    if not (is_whole(q.tune_epochs) and q.tune_epochs >= 0):
-        raise ConfigError(f"quant.tune_epochs must be >= 0, got {q.tune_epochs}")
-    if not (is_number(q.tune_holdout) and 0 <= q.tune_holdout <= 0.5):
-        raise ConfigError(f"quant.tune_holdout must be in [0, 0.5], got {q.tune_holdout}")
-    lr = q.tune_learning_rate
-    if not (is_number(lr) and lr > 0):
-        raise ConfigError(f"quant.tune_learning_rate must be finite and > 0, got {lr}")
-    if q.tune_optimizer != "adam":
-        raise ConfigError(
-            f"quant.tune_optimizer must be 'adam' (the only one), got {q.tune_optimizer!r}"
-        )
-
-
-def quantization_plan(trainer: Trainer, config) -> tuple[str, list]:
-    """(method, [(path, K)]) from config.quant, defaulting to the regularizer's layers and K."""
-    check_quant_config(config)
-    q = config.quant
-    method = q.method
-    if method == "auto":
-        method = "nearest" if family(config.reg.family).has_grid else "kmeans"
+def quantization_plan(trainer: Trainer, spec: RunSpec) -> tuple[str, list]:
+    """(method, [(path, K)]) from spec.quant, defaulting to the regularizer's layers and K."""
+    q, reg = spec.quant, spec.reg
+    method = q.resolved_method(reg)
     if not q.include and q.k == -1 and trainer.reg.layers:
         return method, [(s.path, s.k) for s in trainer.reg.layers]
-    include = q.include or config.reg.include
-    exclude = q.exclude or config.reg.exclude
-    default_k = config.reg.k if q.k == -1 else q.k
-    overrides = parse_overrides(config.reg.k_overrides, int, "reg.k") if q.k == -1 else []
+    include = q.include or reg.include
+    exclude = q.exclude or reg.exclude
+    default_k = reg.k if q.k == -1 else q.k
+    overrides = reg.k_overrides if q.k == -1 else ()
     paths = select_layers(trainer.initial_params, include, exclude)
     return method, [(path, first_match(overrides, path_name(path), default_k)) for path in paths]
 
 
-def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedModel:
+def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> QuantizedModel:
     """Quantizes a trained state; evaluates before and after the batch-norm re-estimate.
 
     The result's metadata: method (resolved: ``nearest`` is the family's own grid), layers
     (per layer its method, K and family), trained_steps, fp_accuracy,
     pre_tuning_accuracy_no_bn, pre_tuning_accuracy, quantize_seconds; the config is the run's."""
     began = time.perf_counter()
-    method, layers = quantization_plan(trainer, config)
+    spec = as_spec(spec)
+    method, layers = quantization_plan(trainer, spec)
     if method == "nearest" and trainer.reg.active:  # the run's K (trainers serve several)
-        ks = trainer.reg.ks_for(config.reg)
+        ks = trainer.reg.ks_for(spec.reg)
         layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
     grids = None
     if method == "nearest":
@@ -135,8 +96,8 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedMode
     fp = trainer.evaluate(state)
     plain = trainer.evaluate(state, params=params)
     stats = state.batch_stats
-    if config.quant.recompute_batch_stats:
-        stats = recompute_batch_stats(trainer, state, params, config.quant.batch_stats_batches)
+    if spec.quant.recompute_batch_stats:
+        stats = recompute_batch_stats(trainer, state, params, spec.quant.batch_stats_batches)
     pre = trainer.evaluate(state, params=params, batch_stats=stats)
     families = {s.name: s.family for s in trainer.reg.layers}
     made_by = {
@@ -147,7 +108,7 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedMode
         params=params,
         batch_stats=stats,
         layers=quantized,
-        config=_config_dict(config),
+        config=spec.config,
         metadata={
             "method": method,
             "layers": made_by,
@@ -160,13 +121,6 @@ def quantize_stage(trainer: Trainer, state: TrainState, config) -> QuantizedMode
     )
 
 
-def tuning_config(config):
-    cfg = copy.deepcopy(config)
-    cfg.reg.family = "none"
-    cfg.num_epochs = max(1, config.quant.tune_epochs)
-    return cfg
-
-
 @dataclasses.dataclass(frozen=True)
 class Tuner:
     """What tunes the codebooks: the Trainer of the tuning step (its train split the tuning
@@ -177,23 +131,25 @@ class Tuner:
     score: object = None
 
 
-def tuning_trainer(config, dataset, q: QuantizedModel, k_max: int | None = None) -> Tuner:
+def tuning_trainer(spec: RunSpec, dataset, q: QuantizedModel, k_max: int | None = None) -> Tuner:
     """The `Tuner` of `q`'s layers (K <= k_max, default the largest K there): reusable for
     every model quantized at those layers (its step compiles once)."""
-    check_quant_config(config)
+    spec = as_spec(spec)
     k_max = k_max or max(q.levels().values())
     tx = codebook_adam(
-        [layer.path for layer in q.layers.values()], config.quant.tune_learning_rate, k_max=k_max
+        [layer.path for layer in q.layers.values()], spec.quant.tune_learning_rate, k_max=k_max
     )
-    if not config.quant.tune_holdout:
-        return Tuner(Trainer(tuning_config(config), dataset, tx=tx))
-    tune, score = split_for_tuning(dataset, config.quant.tune_holdout)
-    trainer = Trainer(tuning_config(config), tune, tx=tx)
+    if not spec.quant.tune_holdout:
+        return Tuner(Trainer(spec.for_tuning(), dataset, tx=tx))
+    tune, score = split_for_tuning(dataset, spec.quant.tune_holdout)
+    trainer = Trainer(spec.for_tuning(), tune, tx=tx)
     return Tuner(trainer, trainer.device_data(score))
 
 
-def tune_stage(config, dataset, q: QuantizedModel, tuner: Tuner | None = None) -> QuantizedModel:
-    """Retrains the codebooks and float leftovers for config.quant.tune_epochs epochs.
+def tune_stage(
+    spec: RunSpec, dataset, q: QuantizedModel, tuner: Tuner | None = None
+) -> QuantizedModel:
+    """Retrains the codebooks and float leftovers for spec.quant.tune_epochs epochs.
 
     With quant.tune_holdout > 0 the tuning holds that fraction of the training images out
     (a fixed draw), trains on the rest, scores the model (accuracy) on the held-out images
@@ -204,9 +160,9 @@ def tune_stage(config, dataset, q: QuantizedModel, tuner: Tuner | None = None) -
     evaluation split), train_losses, tune_scores ([epoch, score], epoch 0: the input),
     tune_best_epoch, tune_seconds.
     """
-    check_quant_config(config)
-    epochs = config.quant.tune_epochs
-    tuner = tuner or tuning_trainer(config, dataset, q)
+    spec = as_spec(spec)
+    epochs = spec.quant.tune_epochs
+    tuner = tuner or tuning_trainer(spec, dataset, q)
     trainer = tuner.trainer
     check_fits_model(trainer, q)
     state = trainer.init_state(params=q.params, batch_stats=q.batch_stats)
@@ -252,22 +208,8 @@ def tune_stage(config, dataset, q: QuantizedModel, tuner: Tuner | None = None) -
 # ----------------------------------------------------------------------------- CLI stages
 
 
-def _dataset(config):
-    return load_dataset(
-        config.dataset,
-        data_dir=config.data_dir or None,
-        channels=config.dataset_channels,
-        holdout=config.holdout,
-        eval_split=config.eval_split,
-    )
-
-
-def _config_dict(config) -> dict:
-    return json.loads(config.to_json_best_effort())
-
-
-def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainState]:
-    trainer = Trainer(config, dataset)
+def _restore_trained(spec: RunSpec, workdir: Path, dataset) -> tuple[Trainer, TrainState]:
+    trainer = Trainer(spec, dataset)
     checkpoints = Checkpointer(workdir / "checkpoints")
     if checkpoints.latest_epoch() is None:
         raise QarjaxError(f"no trained run in {workdir}: run `qarjax train` first")
@@ -276,12 +218,12 @@ def _restore_trained(config, workdir: Path, dataset) -> tuple[Trainer, TrainStat
     return trainer, state
 
 
-def _check_matches(q: QuantizedModel, config, source, workdir=None) -> None:
+def _check_matches(q: QuantizedModel, spec: RunSpec, source, workdir=None) -> None:
     """Refuses a model file of another model, or (from `workdir`) one made from an earlier
     state of the workdir's run than the one its summary.json records."""
-    if q.config.get("model") != config.model:
+    if q.config.get("model") != spec.model.name:
         raise ArtifactError(
-            f"{source} holds model {q.config.get('model')!r}, the config says {config.model!r}"
+            f"{source} holds model {q.config.get('model')!r}, the config says {spec.model.name!r}"
         )
     summary = None if workdir is None else Path(workdir) / "summary.json"
     if summary is not None and summary.exists():
@@ -299,50 +241,52 @@ def check_fits_model(trainer: Trainer, q: QuantizedModel) -> None:
     q.check_fits(
         trainer.initial_params,
         trainer.initial_batch_stats,
-        f"the config's model {trainer.config.model!r}",
+        f"the config's model {trainer.spec.model.name!r}",
     )
 
 
-def evaluate_artifact(config, q: QuantizedModel, dataset, trainer=None) -> dict:
-    """Test loss and accuracy of a quantized model under `config`'s model.
+def evaluate_artifact(spec: RunSpec, q: QuantizedModel, dataset, trainer=None) -> dict:
+    """Test loss and accuracy of a quantized model under `spec`'s model.
 
-    `trainer`: a Trainer of `config`'s model and `dataset` to reuse (its eval compiles once).
+    `trainer`: a Trainer of `spec`'s model and `dataset` to reuse (its eval compiles once).
     """
-    trainer = trainer or Trainer(tuning_config(config), dataset)
+    trainer = trainer or Trainer(as_spec(spec).for_tuning(), dataset)
     check_fits_model(trainer, q)
     state = trainer.init_state(params=q.params, batch_stats=q.batch_stats)
     return trainer.evaluate(state)
 
 
 def run_pipeline(
-    config, workdir, *, resume: bool = False, overwrite: bool = False, dataset=None
+    spec, workdir, *, resume: bool = False, overwrite: bool = False, dataset=None
 ) -> dict:
     """train -> quantize -> tune -> report; returns the report (also report.json).
 
-    `dataset`: an already loaded dataset (default: load config.dataset).
+    `spec`: the run (a `RunSpec`, or a full ConfigDict: built into one, so every value,
+    quant.* included, is checked before it trains). `dataset`: an already loaded dataset
+    (default: load spec.data).
     """
     workdir = Path(workdir).absolute()
-    check_quant_config(config)
+    spec = as_spec(spec)
     check_writable(workdir)
     summary_file = workdir / "summary.json"
-    dataset = dataset or _dataset(config)
+    dataset = dataset or load_data(spec.data)
     began = time.perf_counter()
     if resume and summary_file.exists():
-        trainer, state = _restore_trained(config, workdir, dataset)
+        trainer, state = _restore_trained(spec, workdir, dataset)
         fit_result = FitResult(json.loads(summary_file.read_text()), state, trainer)
     else:
-        fit_result = fit(config, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
+        fit_result = fit(spec, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
     train_seconds = time.perf_counter() - began
-    q = quantize_stage(fit_result.trainer, fit_result.state, config)
+    q = quantize_stage(fit_result.trainer, fit_result.state, spec)
     compress.save_model(workdir / "quantized.safetensors", q)
-    t = tune_stage(config, dataset, q)
+    t = tune_stage(spec, dataset, q)
     file_bytes = compress.save_model(workdir / "tuned.safetensors", t)
     sizes = compress.size_report(jax.device_get(t.params), t.layers, file_bytes)
     m = t.metadata
     report = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "regularizer": config.reg.family,
+        "model": spec.model.name,
+        "dataset": spec.data.name,
+        "regularizer": spec.reg.family,
         "method": m["method"],
         "k": sorted(set(q.levels().values())),
         **{key: m[key] for key in ("fp_accuracy", "pre_tuning_accuracy_no_bn")},
@@ -372,11 +316,11 @@ def _write_stage(workdir: Path, artifact: str, summary: str, q: QuantizedModel, 
     print(json.dumps(info))
 
 
-def run_command(command: str, config, args) -> None:
-    """The CLI's quantize / tune / eval / run."""
+def run_command(command: str, spec: RunSpec, args) -> None:
+    """The CLI's quantize / tune / eval / run of a built spec."""
     workdir = Path(args.workdir)
     if command == "run":
-        r = run_pipeline(config, workdir, resume=args.resume, overwrite=args.overwrite)
+        r = run_pipeline(spec, workdir, resume=args.resume, overwrite=args.overwrite)
         print(
             f"fp {r['fp_accuracy']:.4f} | pre-tuning {r['pre_tuning_accuracy']:.4f} "
             f"(no BN re-estimate {r['pre_tuning_accuracy_no_bn']:.4f}) | post-tuning "
@@ -385,7 +329,6 @@ def run_command(command: str, config, args) -> None:
         )
         return
     if command in ("quantize", "tune"):
-        check_quant_config(config)
         check_writable(workdir)
     if command in ("tune", "eval"):  # a bad model file is refused before the data loads
         default = "quantized.safetensors" if command == "tune" else "tuned.safetensors"
@@ -393,17 +336,17 @@ def run_command(command: str, config, args) -> None:
         if command == "eval" and not args.artifact and not source.exists():
             source = workdir / "quantized.safetensors"
         loaded = compress.load_model(source)
-        _check_matches(loaded, config, source, None if args.artifact else workdir)
-    dataset = _dataset(config)
+        _check_matches(loaded, spec, source, None if args.artifact else workdir)
+    dataset = load_data(spec.data)
     if command == "quantize":
-        trainer, state = _restore_trained(config, workdir, dataset)
-        q = quantize_stage(trainer, state, config)
+        trainer, state = _restore_trained(spec, workdir, dataset)
+        q = quantize_stage(trainer, state, spec)
         _write_stage(workdir, "quantized.safetensors", "quantize.json", q, QUANTIZE_FACTS)
     elif command == "tune":
-        t = tune_stage(config, dataset, loaded)
+        t = tune_stage(spec, dataset, loaded)
         _write_stage(workdir, "tuned.safetensors", "tune.json", t, TUNE_FACTS)
     elif command == "eval":
-        result = evaluate_artifact(config, loaded, dataset)
+        result = evaluate_artifact(spec, loaded, dataset)
         sizes = compress.size_report(loaded.params, loaded.layers, source.stat().st_size)
         print(
             json.dumps(

@@ -19,9 +19,9 @@ representatives padded to ``k_max`` (masked beyond K), so one compiled train ste
 K <= k_max (a sweep over K compiles once per family; `start` sets the K of a run).
 
 Two ways to build one: `attach(model, rules, ...)` (any model) and
-`Regularization.from_config(config.reg, params, ...)` (the config keys of
-`qarjax.config.default_reg_config`: family, k, k_max, lam, k_overrides / lam_overrides
-("regex=value,..." full-matched; a rule that matches none is an error), schedule,
+`Regularization.from_spec(spec.reg, params, ...)` (a run's `qarjax.spec.RegSpec`, built from
+the config keys of `qarjax.config.default_reg_config`: family, k, k_max, lam, k_overrides /
+lam_overrides ("regex=value,..." full-matched; a rule that matches none is an error), schedule,
 warmup_epochs, start_epoch, include / exclude (regexes searched in parameter names),
 range_mode, range_lo / range_hi, init, temperature (dimensionless t: tau = t h^2, h the mean
 spacing of the layer's representatives), reduction, eta, dkm_temperature (DKM's tau = t h,
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qarjax.errors import ConfigError
+from qarjax.errors import ConfigError, check_range, is_number, short
 from qarjax.families import Family, Settings, family
 from qarjax.kmeans import assign, kmeans_1d
 from qarjax.representatives import INIT_METHODS, RANGE_MODES, GridRange, QuantConst, grid_range
@@ -169,8 +169,8 @@ class Regularization:
                     f"attach rule {rule.pattern!r} fully matches none of the {among} "
                     f"({_shown(kernels)}){hint}"
                 )
-        _check_range("start_step", start_step, 0, math.inf, integer=True)
-        _check_range("warmup_steps", warmup_steps, 0, math.inf, integer=True)
+        check_range("start_step", start_step, 0, math.inf, integer=True)
+        check_range("warmup_steps", warmup_steps, 0, math.inf, integer=True)
         specs = []
         for name, path in names.items():
             fields = {"family": "none", "k": None, "lam": 0.1}
@@ -189,9 +189,9 @@ class Regularization:
         settings = Settings(
             range_mode, given_range, init, float(temperature), reduction, eta, dkm_temperature
         )
-        _check_settings(settings)
+        check_settings(settings)
         if k_max is not None:
-            _check_range("k_max", k_max, 2, MAX_K, integer=True)
+            check_range("k_max", k_max, 2, MAX_K, integer=True)
         return cls(
             tuple(specs),
             k_max=max([k_max or 0, *(s.k for s in specs)]),
@@ -202,66 +202,36 @@ class Regularization:
         )
 
     @classmethod
-    def from_config(
-        cls, cfg, params: dict, *, steps_per_epoch: int, num_epochs: int | None = None
+    def from_spec(
+        cls, spec, params: dict, *, start_step: int = 0, warmup_steps: int = 0
     ) -> Regularization:
-        """Validates `cfg` (config.reg) and selects layers from the params tree.
-
-        `num_epochs`: the run's length; a regularizer that would start at or after it is
-        refused (it would never run, and quantization would use a placeholder grid).
-        """
-        name = cfg.family
-        family(name)  # an unknown name is refused here, with the list
-        _check_range("reg.k", cfg.k, 2, MAX_K, integer=True)
-        _check_range("reg.lam", cfg.lam, 0.0, math.inf)
-        if cfg.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown reg.schedule {cfg.schedule!r}: choose one of {SCHEDULES}")
-        if cfg.start_epoch < 0 or cfg.warmup_epochs < 0:
-            raise ConfigError("reg.start_epoch and reg.warmup_epochs must be >= 0")
-        if name != "none" and num_epochs is not None and cfg.start_epoch >= num_epochs:
-            raise ConfigError(
-                f"reg.start_epoch={cfg.start_epoch} is not before num_epochs={num_epochs}: "
-                f"the {name} regularizer would never start"
-            )
-        if cfg.k_max != -1:
-            _check_range("reg.k_max", cfg.k_max, 2, MAX_K, integer=True)
-            if cfg.k_max < cfg.k:
-                raise ConfigError(f"reg.k_max={cfg.k_max} is below reg.k={cfg.k}: k_max pads K")
-        given = None
-        if cfg.range_mode == "given":
-            given = (float(cfg.range_lo), float(cfg.range_hi))
-            if not given[0] < given[1]:
-                raise ConfigError(f"reg.range_lo must be < reg.range_hi, got {given}")
+        """The regularization of a run's `qarjax.spec.RegSpec` (checked where it was built),
+        its layers selected from the params tree (include / exclude searched in the names;
+        k and lambda overrides, first full match wins, each matching some layer).
+        `start_step`, `warmup_steps`: reg.start_epoch and reg.warmup_epochs in steps."""
         settings = Settings(
-            cfg.range_mode, given, cfg.init, float(cfg.temperature), cfg.reduction,
-            float(cfg.eta), float(cfg.dkm_temperature),
+            spec.range_mode, spec.given_range, spec.init, spec.temperature, spec.reduction,
+            spec.eta, spec.dkm_temperature,
         )  # fmt: skip
-        _check_settings(settings, prefix="reg.")
-        k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
-        lam_over = parse_overrides(cfg.lam_overrides, float, "reg.lam")
-        for _, k in k_over:
-            _check_range("reg.k override", k, 2, MAX_K, integer=True)
-        for _, lam in lam_over:
-            _check_range("reg.lam override", lam, 0.0, math.inf)
-        layers = select_layers(params, cfg.include, cfg.exclude)
+        layers = select_layers(params, spec.include, spec.exclude)
         names = [path_name(p) for p in layers]
-        check_rules_match(k_over, names, "reg.k_overrides")
-        check_rules_match(lam_over, names, "reg.lam_overrides")
+        check_rules_match(spec.k_overrides, names, "reg.k_overrides")
+        check_rules_match(spec.lam_overrides, names, "reg.lam_overrides")
         specs = tuple(
             LayerSpec(
                 path,
-                first_match(k_over, path_name(path), cfg.k),
-                first_match(lam_over, path_name(path), cfg.lam),
-                name,
+                first_match(spec.k_overrides, path_name(path), spec.k),
+                first_match(spec.lam_overrides, path_name(path), spec.lam),
+                spec.family,
             )
             for path in layers
         )
         return cls(
             layers=specs,
-            k_max=max([cfg.k_max, *(s.k for s in specs)]),
-            start_step=int(cfg.start_epoch) * steps_per_epoch,
-            warmup_steps=int(cfg.warmup_epochs) * steps_per_epoch,
-            schedule=cfg.schedule,
+            k_max=max([spec.k_max, *(s.k for s in specs)]),
+            start_step=int(start_step),
+            warmup_steps=int(warmup_steps),
+            schedule=spec.schedule,
             settings=settings,
         )
 
@@ -295,13 +265,13 @@ class Regularization:
         layers = self.layers if layer is None else (layer,)
         return bool(layers) and all(s.fam.has_grid for s in layers)
 
-    def ks_for(self, cfg) -> dict[str, int]:
-        """Each layer's K under `cfg` (config.reg: k and k_overrides), for `initialize`; a run
-        may change K this way without rebuilding (and recompiling) its train step."""
-        _check_range("reg.k", cfg.k, 2, MAX_K, integer=True)
-        k_over = parse_overrides(cfg.k_overrides, int, "reg.k")
+    def ks_for(self, spec) -> dict[str, int]:
+        """Each layer's K under `spec` (a `qarjax.spec.RegSpec`: k and k_overrides), for
+        `initialize`; a run may change K this way without rebuilding (and recompiling) its
+        train step."""
+        k_over = spec.k_overrides
         check_rules_match(k_over, [s.name for s in self.layers], "reg.k_overrides")
-        ks = {s.name: first_match(k_over, s.name, cfg.k) for s in self.layers}
+        ks = {s.name: first_match(k_over, s.name, spec.k) for s in self.layers}
         for s in self.layers:
             if s.fam.has_grid and not 2 <= ks[s.name] <= self.size(s.name):
                 raise ConfigError(
@@ -642,37 +612,39 @@ def _check_rule(rule: Rule) -> None:
     if rule.family is not None:
         family(rule.family)
     if rule.k is not None:
-        _check_range(f"rule {rule.pattern!r}: k", rule.k, 2, MAX_K, integer=True)
+        check_range(f"rule {rule.pattern!r}: k", rule.k, 2, MAX_K, integer=True)
     if rule.lam is not None:
-        _check_range(f"rule {rule.pattern!r}: lam", rule.lam, 0.0, math.inf)
+        check_range(f"rule {rule.pattern!r}: lam", rule.lam, 0.0, math.inf)
 
 
-def _check_settings(s: Settings, prefix: str = "") -> None:
+def check_settings(s: Settings, prefix: str = "") -> None:
+    """The settings shared by a run's layers (`prefix`: how the message names them, e.g.
+    ``reg.`` for a config's)."""
     for name in ("temperature", "dkm_temperature"):
-        if not getattr(s, name) > 0:
-            raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(s, name)}")
+        value = getattr(s, name)
+        if not (is_number(value) and value > 0):
+            raise ConfigError(f"{prefix}{name} must be > 0 and finite, got {short(value)}")
+    if not (is_number(s.eta) and s.eta >= 0):
+        raise ConfigError(f"{prefix}eta must be >= 0 and finite, got {short(s.eta)}")
     if s.reduction not in REDUCTIONS:
-        raise ConfigError(f"{prefix}reduction must be 'sum' or 'mean', got {s.reduction!r}")
+        raise ConfigError(f"{prefix}reduction must be 'sum' or 'mean', got {short(s.reduction)}")
     if s.range_mode not in RANGE_MODES:
         raise ConfigError(
             f"unknown {prefix}range_mode {s.range_mode!r}: choose one of {RANGE_MODES}"
         )
     if s.range_mode == "given" and s.given_range is None:
         raise ConfigError(f"{prefix}range_mode 'given' needs a range (lo, hi)")
+    if s.given_range is not None:
+        lo, hi = s.given_range
+        if not (is_number(lo) and is_number(hi) and lo < hi):
+            what = (
+                f"{prefix}range_lo must be < {prefix}range_hi"
+                if prefix
+                else "given_range (lo, hi) must have lo < hi"
+            )
+            raise ConfigError(f"{what}, both finite, got {short(s.given_range)}")
     if s.init not in INIT_METHODS:
         raise ConfigError(f"unknown {prefix}init {s.init!r}: choose one of {INIT_METHODS}")
-
-
-def _check_range(what: str, value, lo, hi, *, integer: bool = False) -> None:
-    """`value` a number in [lo, hi] (finite: an infinite `hi` is open), a whole one if
-    `integer`; anything else is one ConfigError naming `what`."""
-    number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
-        value, bool
-    )
-    if integer and not (number and float(value).is_integer()):
-        raise ConfigError(f"{what} must be in [{lo}, {hi}], got {value!r} (a whole number)")
-    if not (number and math.isfinite(value) and lo <= value <= hi):
-        raise ConfigError(f"{what} must be in [{lo}, {hi}], got {value!r} (finite)")
 
 
 def _module_at(model: nnx.Module, path: Path) -> nnx.Module:

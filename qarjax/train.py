@@ -1,9 +1,9 @@
-"""The Trainer: the jitted train and eval steps of one config, data-parallel over a mesh.
+"""The Trainer: the jitted train and eval steps of one run spec, data-parallel over a mesh.
 
-It validates the config and composes three small public pieces: the model definition
-(`qarjax.model_def.ModelDef`: graphdef, regularization, initial plain trees), the
-device-resident data (`qarjax.device_data.DeviceData`) and the pure step functions
-(`qarjax.steps`), which it jits with the recipe bound. Each jitted call runs `scan_steps`
+It takes a `qarjax.spec.RunSpec` (checked where it was built) and composes three small public
+pieces: the model definition (`qarjax.model_def.ModelDef`: graphdef, regularization, initial
+plain trees), the device-resident data (`qarjax.device_data.DeviceData`) and the pure step
+functions (`qarjax.steps`), which it jits with the recipe bound. Each jitted call runs `scan_steps`
 train steps with `lax.scan` (gather, augment and normalize on device), so an epoch costs a
 handful of host round trips on an accelerator (on a CPU, where round trips are free, steps
 are unrolled instead: see `Trainer.__init__`). The batch is sharded over the mesh's ``data``
@@ -28,26 +28,21 @@ from jax.sharding import PartitionSpec as P
 from qarjax import data as data_lib
 from qarjax import steps as steps_lib
 from qarjax import xla_defaults
-from qarjax.config import check_ranges
 from qarjax.device_data import DeviceData, epoch_order, put_replicated
 from qarjax.errors import ConfigError, NonFiniteLossError
 from qarjax.model_def import ModelDef
 from qarjax.optim import make_optimizer, reset_quant_state
+from qarjax.spec import DTYPES, SCAN_MODES, as_spec
 from qarjax.steps import TrainState
 from qarjax.trees import merge
 
 __all__ = ["DTYPES", "SCAN_MODES", "Trainer", "TrainState", "chunking", "make_mesh"]
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def make_mesh(devices=None) -> Mesh:
     """A 1-D data-parallel mesh over `devices` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("data",))
-
-
-SCAN_MODES = ("auto", "scan", "unroll")
 
 
 def chunking(batches: int, wanted: int) -> tuple[int, int]:
@@ -74,7 +69,7 @@ def _accumulate(totals: dict, sums: dict) -> dict:
 
 
 class Trainer:
-    """Builds the model, optimizer, regularizer and jitted steps for one config and dataset.
+    """Builds the model, optimizer, regularizer and jitted steps for one run spec and dataset.
 
     Attributes:
       model: the `ModelDef` (graphdef, `reg`, initial trees); `reg` is also an attribute.
@@ -85,65 +80,56 @@ class Trainer:
 
     def __init__(
         self,
-        config,
+        spec,
         dataset: data_lib.Dataset,
         *,
         mesh: Mesh | None = None,
         tx: optax.GradientTransformation | None = None,
     ):
         """Args:
-        config: a full config (qarjax.config.default_config() plus changes).
+        spec: the run (`qarjax.spec.RunSpec`; a full ConfigDict is built into one).
         dataset: the data, placed on the mesh whole.
         mesh: the devices (default: all).
-        tx: an optimizer replacing the config's (e.g. codebook tuning, qarjax.tune).
+        tx: an optimizer replacing the spec's (e.g. codebook tuning, qarjax.tune).
         """
-        self.config = config = config.copy_and_resolve_references()  # later edits: not ours
-        check_ranges(config)
+        self.spec = spec = as_spec(spec)
+        train = spec.train
         self.dataset = dataset
         self.mesh = mesh or make_mesh()
         n_dev = self.mesh.devices.size
-        if config.batch_size <= 0 or config.batch_size % n_dev:
+        if train.batch_size % n_dev:
             raise ConfigError(
-                f"batch_size {config.batch_size} must be a positive multiple of the {n_dev} devices"
-            )
-        if config.num_epochs <= 0:
-            raise ConfigError(f"num_epochs must be > 0, got {config.num_epochs}")
-        if config.compute_dtype not in DTYPES:
-            raise ConfigError(
-                f"unknown compute_dtype {config.compute_dtype!r}: choose one of {sorted(DTYPES)}"
+                f"batch_size {train.batch_size} must be a positive multiple of the {n_dev} devices"
             )
         n_train = len(dataset.train_labels)
-        batches = n_train // config.batch_size
+        batches = n_train // train.batch_size
         if batches == 0:
             raise ConfigError(
-                f"batch_size {config.batch_size} exceeds the {n_train} training images"
+                f"batch_size {train.batch_size} exceeds the {n_train} training images"
             )
-        if config.scan_mode not in SCAN_MODES:
-            raise ConfigError(f"unknown scan_mode {config.scan_mode!r}: choose one of {SCAN_MODES}")
         # XLA:CPU runs convolutions inside a while loop ~30x slower than outside one
         # (jax-ml/jax#12868, measured here: 7.3 s against 0.26 s per small-CNN step), and on
         # a CPU host round trips cost nothing: so there the steps of a call are unrolled in
         # Python (default 1 per call); on accelerators they run in lax.scan (default 50).
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-        self.use_scan = config.scan_mode == "scan" or (config.scan_mode == "auto" and not on_cpu)
-        wanted = config.scan_steps if config.scan_steps > 0 else (50 if self.use_scan else 1)
+        self.use_scan = train.scan_mode == "scan" or (train.scan_mode == "auto" and not on_cpu)
+        wanted = train.scan_steps if train.scan_steps > 0 else (50 if self.use_scan else 1)
         self.scan_steps, self.steps_per_epoch = chunking(batches, wanted)
-        self.dtype = DTYPES[config.compute_dtype]
-        self.augmentation = data_lib.resolve_augmentation(config.augment, dataset)
+        self.step_counts = spec.steps(self.steps_per_epoch)
+        self.dtype = spec.model.dtype
+        self.augmentation = data_lib.resolve_augmentation(spec.data, dataset)
 
-        self.model = ModelDef.build(
-            config, dataset, dtype=self.dtype, steps_per_epoch=self.steps_per_epoch
-        )
+        self.model = ModelDef.build(spec, dataset, steps=self.step_counts)
         self.reg = self.model.reg
-        self.tx = tx or make_optimizer(config, self.reg, self.steps_per_epoch)
+        self.tx = tx or make_optimizer(spec, self.reg, self.step_counts)
         self.replicated = NamedSharding(self.mesh, P())
-        self.data = DeviceData(dataset, self.mesh, config.eval_batch_size)
+        self.data = DeviceData(dataset, self.mesh, train.eval_batch_size)
         self.steps = steps_lib.Steps(
             model=self.model,
             tx=self.tx,
             dtype=self.dtype,
             augmentation=self.augmentation,
-            label_smoothing=float(config.label_smoothing),
+            label_smoothing=train.label_smoothing,
             batch_sharding=self.data.batch_sharding,
             scan_steps=self.scan_steps,
             use_scan=self.use_scan,
@@ -161,7 +147,7 @@ class Trainer:
                 epoch_order,
                 num_train=n_train,
                 steps=self.steps_per_epoch,
-                batch_size=config.batch_size,
+                batch_size=train.batch_size,
             )
         )
         self._reg_metrics = jax.jit(self.reg.metrics)
@@ -195,7 +181,7 @@ class Trainer:
             consts=initial["consts"],
             batch_stats=jax.device_get(stats),
             opt_state=self._init_opt(merge(params, initial["quant"])),
-            rng=np.asarray(jax.random.key_data(jax.random.key(self.config.seed))),
+            rng=np.asarray(jax.random.key_data(jax.random.key(self.spec.seed))),
         )
         return put_replicated(state, self.mesh)
 
@@ -203,7 +189,7 @@ class Trainer:
         """Fixes the grid ranges and K, initializes the representatives from the current
         weights and resets their optimizer state (called once, at reg.start_epoch).
 
-        `ks`: K per layer (`self.reg.ks_for(config.reg)`; default: this trainer's config).
+        `ks`: K per layer (`self.reg.ks_for(spec.reg)`; default: this trainer's spec).
         The train step reads K as data, so another K compiles nothing new.
         """
         if not self.reg.active:
@@ -258,7 +244,7 @@ class Trainer:
             "loss": float(totals["loss"]) / steps,
             "ce": float(totals["ce"]) / steps,
             "reg": float(totals["reg"]) / steps,
-            "accuracy": float(totals["correct"]) / (steps * self.config.batch_size),
+            "accuracy": float(totals["correct"]) / (steps * self.spec.train.batch_size),
         }
 
     def batch_statistics(self, state: TrainState, params, indices, key) -> dict:

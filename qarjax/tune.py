@@ -97,7 +97,7 @@ def recompute_batch_stats(trainer, state, params: dict, num_batches: int) -> dic
     """
     if not jax.tree.leaves(state.batch_stats):
         return state.batch_stats
-    bs = trainer.config.batch_size
+    bs = trainer.spec.train.batch_size
     n = len(trainer.dataset.train_labels)
     num_batches = max(1, min(num_batches, n // bs))
     order = np.random.default_rng(0).permutation(n)[: num_batches * bs].reshape(num_batches, bs)

@@ -32,6 +32,7 @@ from qarjax import compress, pipeline
 from qarjax.config import default_config
 from qarjax.errors import ArtifactError
 from qarjax.quantize import quantize_params
+from qarjax.spec import build
 from qarjax.train import Trainer
 from qarjax.trees import leaves_with_paths
 
@@ -48,7 +49,7 @@ def world(tmp_path_factory):
     config.model, config.batch_size, config.eval_batch_size = "cnn_small", 16, 16
     config.progress = config.tensorboard = False
     dataset = make_dataset(n_train=32, n_test=16, size=16, classes=3)
-    trainer = Trainer(pipeline.tuning_config(config), dataset)
+    trainer = Trainer(build(config).for_tuning(), dataset)
     params = jax.device_get(trainer.initial_params)
     kernels = [(p, 16 if p[0] == "fc2" else 4 if p[0] != "conv2" else 3)
                for p, _ in leaves_with_paths(params) if p[-1] == "kernel"]  # fmt: skip

@@ -159,5 +159,5 @@ def test_forward_pass_leaves_penalty_families_alone():
 
 def test_dkm_temperature_must_be_positive():
     model = MLP(nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="dkm_temperature must be > 0, got 0.0"):
+    with pytest.raises(ConfigError, match="dkm_temperature must be > 0 and finite, got 0.0"):
         qj.attach(model, [qj.Rule(r".*kernel", family="dkm", k=4)], dkm_temperature=0.0)

@@ -10,11 +10,12 @@ from conftest import make_dataset
 from flax import nnx
 
 from qarjax import regularizers as R
-from qarjax.config import default_reg_config
+from qarjax.config import default_config, default_reg_config
 from qarjax.errors import ConfigError
 from qarjax.models import create_model
 from qarjax.regularization import Regularization
 from qarjax.representatives import QuantParam, Representatives
+from qarjax.spec import build
 from qarjax.train import Trainer
 
 
@@ -28,9 +29,21 @@ def _reg(**changes) -> ml_collections.ConfigDict:
     return cfg
 
 
+def _from_config(reg_cfg, params, *, steps_per_epoch, num_epochs=100) -> Regularization:
+    """A Regularization as a run builds it: the config's spec (every check), then its layers."""
+    config = default_config()
+    config.num_epochs = num_epochs
+    config.reg = reg_cfg
+    spec = build(config)
+    steps = spec.steps(steps_per_epoch)
+    return Regularization.from_spec(
+        spec.reg, params, start_step=steps.reg_start, warmup_steps=steps.reg_warmup
+    )
+
+
 def test_selects_kernels_with_overrides():
     params = _params(create_model("cnn_small", num_classes=10))
-    reg = Regularization.from_config(
+    reg = _from_config(
         _reg(family="nearest", k=4, lam=0.1, k_overrides="fc.*=2", lam_overrides="conv1/.*=0.5"),
         params,
         steps_per_epoch=10,
@@ -47,7 +60,7 @@ def test_selects_kernels_with_overrides():
 
 def test_overrides_full_match_and_a_rule_that_matches_nothing_is_refused():
     params = {"features": {str(i): {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}} for i in range(13)}}
-    reg = Regularization.from_config(
+    reg = _from_config(
         _reg(family="nearest", k=4, k_overrides=r"features/1/conv/kernel=2"),
         params,
         steps_per_epoch=1,
@@ -56,30 +69,22 @@ def test_overrides_full_match_and_a_rule_that_matches_nothing_is_refused():
     assert ks["features/1/conv/kernel"] == 2
     assert all(k == 4 for name, k in ks.items() if name != "features/1/conv/kernel")  # not 10..12
     with pytest.raises(ConfigError, match=r"reg.k_overrides rule 'features/1' fully matches none"):
-        Regularization.from_config(
-            _reg(family="nearest", k_overrides="features/1=2"), params, steps_per_epoch=1
-        )
+        _from_config(_reg(family="nearest", k_overrides="features/1=2"), params, steps_per_epoch=1)
     with pytest.raises(ConfigError, match=r"reg.lam_overrides rule 'fc9.*' fully matches none"):
-        Regularization.from_config(
-            _reg(family="nearest", lam_overrides="fc9.*=1"), params, steps_per_epoch=1
-        )
+        _from_config(_reg(family="nearest", lam_overrides="fc9.*=1"), params, steps_per_epoch=1)
 
 
 def test_a_regularizer_that_would_never_start_is_refused():
     params = _params(create_model("cnn_small", num_classes=10))
     with pytest.raises(ConfigError, match=r"reg.start_epoch=5 is not before num_epochs=5"):
-        Regularization.from_config(
-            _reg(family="sine", start_epoch=5), params, steps_per_epoch=1, num_epochs=5
-        )
+        _from_config(_reg(family="sine", start_epoch=5), params, steps_per_epoch=1, num_epochs=5)
     # a plain run may keep any start epoch
-    Regularization.from_config(_reg(start_epoch=5), params, steps_per_epoch=1, num_epochs=5)
+    _from_config(_reg(start_epoch=5), params, steps_per_epoch=1, num_epochs=5)
 
 
 def test_representatives_live_in_the_model_state_with_their_own_type():
     model = create_model("cnn_small", num_classes=10)
-    reg = Regularization.from_config(
-        _reg(family="softmin", k=8, exclude="fc"), _params(model), steps_per_epoch=1
-    )
+    reg = _from_config(_reg(family="softmin", k=8, exclude="fc"), _params(model), steps_per_epoch=1)
     reg.attach(model)
     assert isinstance(model.conv1.conv.kernel_reps, Representatives)
     quant = nnx.to_pure_dict(nnx.state(model, QuantParam))
@@ -93,7 +98,7 @@ def test_representatives_live_in_the_model_state_with_their_own_type():
 @pytest.mark.parametrize("init", ["kmeans", "quantile", "uniform"])
 def test_initialization_strategies(init):
     model = create_model("cnn_small", num_classes=10)
-    reg = Regularization.from_config(
+    reg = _from_config(
         _reg(family="nearest", k=4, init=init, include="fc1"), _params(model), steps_per_epoch=1
     )
     reg.attach(model)
@@ -113,7 +118,7 @@ def test_initialization_strategies(init):
 
 def test_warmup_schedule():
     params = _params(create_model("cnn_small", num_classes=10))
-    reg = Regularization.from_config(
+    reg = _from_config(
         _reg(family="sine", schedule="warmup", start_epoch=2, warmup_epochs=2),
         params,
         steps_per_epoch=10,
@@ -138,14 +143,12 @@ def test_warmup_schedule():
 def test_bad_config_is_refused(changes, message):
     params = _params(create_model("cnn_small", num_classes=10))
     with pytest.raises(ConfigError, match=message):
-        Regularization.from_config(
-            _reg(**{"family": "nearest", **changes}), params, steps_per_epoch=1
-        )
+        _from_config(_reg(**{"family": "nearest", **changes}), params, steps_per_epoch=1)
 
 
 def test_penalty_is_lambda_times_sum_of_layer_terms():
     model = create_model("cnn_small", num_classes=10)
-    reg = Regularization.from_config(
+    reg = _from_config(
         _reg(family="sine", k=4, lam=0.3, lam_overrides="fc2/kernel=2.0"),
         _params(model),
         steps_per_epoch=1,
@@ -190,7 +193,7 @@ def test_training_with_a_regularizer_clusters_the_weights(tiny_config, family):
 def _dynamic_layer(family, w, reps, rng=(-1.0, 1.0), k=None):
     """A Regularization of one (n,) 'kernel' plus its quant/consts trees."""
     params = {"layer": {"kernel": jnp.asarray(w, jnp.float32).reshape(-1, 1)}}
-    reg = Regularization.from_config(
+    reg = _from_config(
         _reg(family=family, k=len(reps), include="layer/kernel"), params, steps_per_epoch=1
     )
     quant = {"layer": {"kernel_reps": jnp.asarray(reps, jnp.float32)}}

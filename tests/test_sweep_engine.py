@@ -53,7 +53,8 @@ def test_one_compiled_step_serves_every_k_of_a_family(family, tiny_config, tmp_p
     assert trainer.trace_count == 1
     assert {k: len(g) for k, g in grids.items()} == {2: 2, 8: 8, 4: 4}
     tiny_config.reg.k = 16
-    with pytest.raises(ConfigError, match=r"K=16 for conv1/conv/kernel is outside \[2, 8\]"):
+    # K above the trainer's padding: refused with the config (k_max pads K), before any work
+    with pytest.raises(ConfigError, match=r"reg.k_max=8 is below reg.k=16"):
         fit(tiny_config, tmp_path / "k16", trainer=trainer)
     tiny_config.reg.k, tiny_config.learning_rate = 4, 0.2
     with pytest.raises(ConfigError, match="built for another config .*learning_rate"):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qarjax.errors import ConfigError
+from qarjax.errors import ConfigError, short
 from qarjax.models.alexnet import AlexNetCifar
 from qarjax.models.cnn_small import SmallCNN
 from qarjax.models.vgg import VGG16Cifar
@@ -41,6 +41,16 @@ def register_model(name: str):
     return add
 
 
+def check_model(name: str, width: float = 1.0) -> None:
+    """Refuses an unknown model, or a width it cannot take (one line)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {short(name)}: choose one of {sorted(MODELS)}")
+    if not (isinstance(width, int | float) and not isinstance(width, bool) and 0 < width <= 16):
+        raise ConfigError(f"model_width must be in (0, 16], got {short(width)}")
+    if width != 1.0 and "width" not in inspect.signature(MODELS[name].__init__).parameters:
+        raise ConfigError(f"model {name!r} has no width option (model_width {width})")
+
+
 def create_model(
     name: str,
     *,
@@ -53,14 +63,9 @@ def create_model(
 ) -> nnx.Module:
     """Builds the named model for images of `image_shape` (H, W, C), params drawn from `seed`;
     `width` scales the layers of a model that takes a ``width`` argument (vgg16)."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
+    check_model(name, width)
     kwargs = {} if dropout is None else {"dropout": dropout}
-    if not (isinstance(width, int | float) and 0 < width <= 16):
-        raise ConfigError(f"model_width must be in (0, 16], got {width!r}")
     if width != 1.0:
-        if "width" not in inspect.signature(MODELS[name].__init__).parameters:
-            raise ConfigError(f"model {name!r} has no width option (model_width {width})")
         kwargs["width"] = width
     return MODELS[name](
         num_classes=num_classes,
