@@ -58,10 +58,7 @@ SCALES = {
     "cpu-full": {"models": ["vgg16", "resnet20"], "ks": [2, 4, 8], "train_size": 50000,
                  "config": {"vgg16": "vgg16_narrow_cifar10.py",
                             "resnet20": "resnet20_cifar10.py"},
-                 "dataset": f"imagefolder:{SHARED_CIFAR10}", "keep_period": 2,
-                 # its first cells were tuned before tuning kept the best epoch: one rule
-                 # for every cell of the sweep (the table shows pre- and post-tuning)
-                 "tune_holdout": 0.0},
+                 "dataset": f"imagefolder:{SHARED_CIFAR10}", "keep_period": 2},
     "gpu": {"models": ["vgg16", "alexnet"], "config": None, "ks": [2, 4, 8, 16],
             "train_size": 50000},
 }  # fmt: skip
@@ -204,6 +201,10 @@ class Sweep:
             "pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
             "pre_tuning_accuracy_no_bn": q.metadata["pre_tuning_accuracy_no_bn"],
             "post_tuning_accuracy": t.metadata["post_tuning_accuracy"],
+            # the tuning rule: keep the best epoch on this fraction of held-out training images
+            # (0: the last epoch is kept; the cells before keep-best have no such field)
+            "tune_holdout": spec.quant.tune_holdout,
+            "tune_best_epoch": t.metadata.get("tune_best_epoch"),
             "compression_ratio": sizes["compression_ratio"],
             "live_min": live_levels(q.layers),
             "shared_pretraining": cell.family != "none" and not self.args.from_scratch,
@@ -327,7 +328,9 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
         lines += [f"## {model}" + (f" (plain full precision {cell(fp)})" if fp else ""), ""]
         lines += [
             "Test accuracy pre-tuning / post-tuning (full precision of that model), by K; "
-            "a cell marked *collapsed* uses fewer than K distinct levels in some layer:",
+            "a cell marked *collapsed* uses fewer than K distinct levels in some layer; † marks a "
+            "cell tuned before tuning kept its best epoch on held-out training images "
+            "(its post-tuning figure is the last epoch's):",
             "",
         ]
         lines += ["| method | " + " | ".join(f"K = {k}" for k in ks) + " |"]
@@ -339,10 +342,12 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
             for k in ks:
                 g = groups.get((model, m, k), [])
                 collapsed = any(r.get("live_min", k) < k for r in g)
+                last_epoch = any(not r.get("tune_holdout") for r in g)
                 row.append(
                     f"{cell([r['pre_tuning_accuracy'] for r in g])} / "
                     f"{cell([r['post_tuning_accuracy'] for r in g])} "
                     f"({cell([r['fp_accuracy'] for r in g])})"
+                    + (" †" if last_epoch else "")
                     + (" *collapsed*" if collapsed else "")
                     if g
                     else "-"
