@@ -28,7 +28,7 @@ from benchlib import (
     write_json,
 )
 
-from qarjax import dkm
+from qarjax.families import dkm
 from qarjax.train import Trainer
 
 VARIANTS = [

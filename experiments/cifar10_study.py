@@ -44,13 +44,13 @@ import numpy as np
 
 from qarjax.compress import size_report
 from qarjax.config import load_config
+from qarjax.families import family
 from qarjax.loop import fit
 from qarjax.pipeline import quantize_stage, tune_stage, tuning_trainer
 from qarjax.spec import build, load_data
 from qarjax.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-K_FREE = ("none", "linf", "gradient_l1")  # training does not depend on K
 SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SCALES = {
     "cpu": {"models": ["cnn_small"], "config": "demo.py", "ks": [2, 4, 8], "train_size": 5000},
@@ -64,13 +64,10 @@ SCALES = {
 }  # fmt: skip
 K_GROUPS = ([4, 2], [8, 16])  # the most telling K first (for every model), then the rest
 METHODS = ["none", "sine", "cosine", "nearest", "softmin", "linf", "gradient_l1", "dkm", "lsq"]
-BASELINE_LAMBDA = {"linf": 0.01, "gradient_l1": 0.01}
-# Step-time factors over the plain step, for --plan: measured on the 2-core CPU with
-# cnn_small (experiments/bench_regularizers.py: the paper's families 1.02-1.16 at K <= 32,
-# linf 1.02, gradient_l1 3.79; dkm 1.23-1.33 and lsq 1.16-1.18 at K = 4-16). On a GPU they
-# are unmeasured: these are the assumption.
-STEP_FACTOR = {"gradient_l1": 3.8, "dkm": 1.3, "lsq": 1.2}
-DEFAULT_STEP_FACTOR = 1.1
+# What the sweep knows of a family is on its class (qarjax.families.Family): k_free (one
+# training serves every K), baseline_lambda (in place of the config's), step_factor (the
+# train step's time over the plain one, for --plan: measured on the 2-core CPU; on a GPU
+# they are unmeasured, so they are the assumption there).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +91,7 @@ class Cell:
     @property
     def training(self) -> tuple:
         """The training run this cell quantizes (shared by the cells of a K-free family)."""
-        return self.model, self.family, self.seed, None if self.family in K_FREE else self.k
+        return self.model, self.family, self.seed, None if family(self.family).k_free else self.k
 
 
 def ordered_cells(args) -> list[Cell]:
@@ -106,17 +103,17 @@ def ordered_cells(args) -> list[Cell]:
         for model in args.models:
             for seed in range(args.seeds):
                 for k in group:
-                    for family in args.methods:
-                        methods = ["kmeans", "uniform"] if family == "none" else ["auto"]
-                        out += [Cell(model, family, k, seed, m) for m in methods]
+                    for name in args.methods:
+                        methods = ["kmeans", "uniform"] if name == "none" else ["auto"]
+                        out += [Cell(model, name, k, seed, m) for m in methods]
     return out
 
 
-def base_config(model: str, family: str, args):
+def base_config(model: str, method: str, args):
     scale = SCALES[args.scale]
     name = scale["config"] or f"{model}_cifar10.py"
     name = name[model] if isinstance(name, dict) else name
-    config = load_config(str(ROOT / "configs" / name), family)
+    config = load_config(str(ROOT / "configs" / name), method)
     config.model, config.progress, config.tensorboard = model, False, False
     if args.dataset or scale.get("dataset"):
         config.dataset = args.dataset or scale["dataset"]
@@ -124,8 +121,8 @@ def base_config(model: str, family: str, args):
         share = config.reg.start_epoch / config.num_epochs
         config.num_epochs = args.epochs
         config.reg.start_epoch = min(max(1, round(share * args.epochs)), args.epochs - 1)
-    if family in BASELINE_LAMBDA:
-        config.reg.lam = BASELINE_LAMBDA[family]
+    if family(method).baseline_lambda is not None:
+        config.reg.lam = family(method).baseline_lambda
     config.reg.k_max = max(args.ks)
     # the plain run keeps the branch point (cpu-full: every other epoch, so the validation
     # search can try an earlier start)
@@ -179,8 +176,8 @@ class Sweep:
         return self.runs[cell.training]
 
     def run_dir(self, training) -> Path:
-        model, family, seed, k = training
-        return self.workdir / f"{model}_{family}_k{k or 'any'}_s{seed}" / "train"
+        model, name, seed, k = training
+        return self.workdir / f"{model}_{name}_k{k or 'any'}_s{seed}" / "train"
 
     def run(self, cell: Cell) -> dict:
         spec = self.spec_for(cell)
@@ -247,7 +244,7 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
             seen_train.add(cell.training)
             shared = cell.family != "none" and not args.from_scratch
             epochs = config.num_epochs - (config.reg.start_epoch if shared else 0)
-            total["train"] += epochs * epoch * STEP_FACTOR.get(cell.family, DEFAULT_STEP_FACTOR)
+            total["train"] += epochs * epoch * family(cell.family).step_factor
             total["train"] += config.num_epochs * (n_test / ips / 3)  # an evaluation per epoch
             if (cell.model, cell.family, cell.seed) not in seen_steps:
                 seen_steps.add((cell.model, cell.family, cell.seed))
@@ -297,7 +294,7 @@ def print_plan(cells: list[Cell], args) -> None:
         f"projected: {total['all'] / 60:.1f} min (train {total['train'] / 60:.1f}, compile "
         f"{total['compile'] / 60:.1f} at {args.compile_seconds:g} s each, quantize "
         f"{total['quantize'] / 60:.1f}, tune {total['tune'] / 60:.1f}); step factors "
-        f"{STEP_FACTOR} else {DEFAULT_STEP_FACTOR}; "
+        f"{ {c.family: family(c.family).step_factor for c in cells} }; "
         f"{'from scratch' if args.from_scratch else 'shared pre-training'}"
     )
 
@@ -360,8 +357,8 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
     stages = {s: sum(r[f"{s}_seconds"] for r in rows) for s in ("quantize", "tune")}
 
     def trained_once(r):  # one training per (model, family, seed), and per K if it matters
-        family = r["method"].split("+")[0]
-        return r["model"], family, r["seed"], None if family in K_FREE else r["k"]
+        name = r["method"].split("+")[0]
+        return r["model"], name, r["seed"], None if family(name).k_free else r["k"]
 
     train = sum({trained_once(r): r["train_seconds"] for r in rows}.values())
     lines += [

@@ -16,6 +16,7 @@ model is stored in about log2(K) bits per weight. The public API, on any Flax NN
   reestimate_batch_stats  batch-norm statistics of the quantized weights, from your batches
   save, load          the compressed model file (``load(path, into=model)``)
   register_family     add a regularizer family (a `qarjax.families.Family` subclass)
+  register_quantizer  add a post-training quantizer (a codebook function of a layer's weights)
   register_model      add a model class for configs and the command line
 
 The math: docs/regularizers.md. The command line, configs and the CIFAR-10 study: README.md.
@@ -31,7 +32,7 @@ from qarjax.families import Family  # noqa: E402
 from qarjax.families import register as register_family  # noqa: E402
 from qarjax.models import register_model  # noqa: E402
 from qarjax.optim import decoupled_pull, optimizer  # noqa: E402
-from qarjax.quantize import QuantizedModel, quantize  # noqa: E402
+from qarjax.quantize import QuantizedModel, quantize, register_quantizer  # noqa: E402
 from qarjax.regularization import Regularization, Rule, attach  # noqa: E402
 from qarjax.representatives import TRAINABLE, QuantParam, Representatives  # noqa: E402
 from qarjax.tune import reestimate_batch_stats, tune  # noqa: E402
@@ -56,6 +57,7 @@ __all__ = [
     "register_family",
     "reestimate_batch_stats",
     "register_model",
+    "register_quantizer",
     "save",
     "tune",
 ]

@@ -36,8 +36,9 @@ from qarjax.quantize import (
     grids_of,
     layers_from_params,
     quantize_params,
+    quantizer,
 )
-from qarjax.regularization import first_match, select_layers
+from qarjax.regularization import override, select_layers
 from qarjax.report import write_report
 from qarjax.spec import RunSpec, as_spec, load_data
 from qarjax.train import Trainer
@@ -69,7 +70,7 @@ def quantization_plan(trainer: Trainer, spec: RunSpec) -> tuple[str, list]:
     default_k = reg.k if q.k == -1 else q.k
     overrides = reg.k_overrides if q.k == -1 else ()
     paths = select_layers(trainer.initial_params, include, exclude)
-    return method, [(path, first_match(overrides, path_name(path), default_k)) for path in paths]
+    return method, [(path, override(overrides, path_name(path), default_k)) for path in paths]
 
 
 def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> QuantizedModel:
@@ -81,11 +82,11 @@ def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> Quanti
     began = time.perf_counter()
     spec = as_spec(spec)
     method, layers = quantization_plan(trainer, spec)
-    if method == "nearest" and trainer.reg.active:  # the run's K (trainers serve several)
-        ks = trainer.reg.ks_for(spec.reg)
-        layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
     grids = None
-    if method == "nearest":
+    if quantizer(method).needs_grid:
+        if trainer.reg.active:  # the run's K (trainers serve several)
+            ks = trainer.reg.ks_for(spec.reg)
+            layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
         grids = grids_of(trainer.reg, state.params, state.quant, state.consts)
         for path, _ in layers:
             if path_name(path) not in grids:

@@ -8,19 +8,22 @@ and a dequantized params tree of the original structure in which each selected k
 ``codebook[indices]``.
 Biases and norm parameters are not selected and stay float.
 
-Methods:
+Quantizers (`QUANTIZERS`; add one with `register_quantizer`):
   - ``nearest``: each weight to the nearest value of a given grid: the learned
-    representatives of a nearest/softmin model, or the K zeros of a sine/cosine model;
+    representatives of a nearest/softmin model, the K zeros of a sine/cosine model, DKM's
+    centroids or LSQ's levels;
   - ``uniform``: K evenly spaced levels over the layer's [min, max];
   - ``kmeans``: 1-D k-means per layer (weight sharing, as in Deep Compression), the baseline
     for a plainly trained model.
+``auto`` means, per layer, its family's quantizer (`resolve`: the family's own grid where it
+has one, k-means otherwise).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import re
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +31,77 @@ import numpy as np
 from flax import nnx
 
 from qarjax.errors import ArtifactError, ConfigError
+from qarjax.families import Family, family
 from qarjax.kmeans import assign, kmeans_1d
+from qarjax.regularization import Rule, apply_rules
 from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, path_name, set_in
 
-METHODS = ("nearest", "uniform", "kmeans")
 MAX_K = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """A post-training quantizer: `codebook(w, k, grid)` gives the K sorted values of one
+    layer (w: its weights, flat float32; grid: the family's grid, for `needs_grid`)."""
+
+    name: str
+    codebook: Callable[[jax.Array, int, jax.Array | None], jax.Array]
+    needs_grid: bool = False
+
+
+QUANTIZERS: dict[str, Quantizer] = {}
+
+
+def register_quantizer(name: str, *, needs_grid: bool = False):
+    """Adds a codebook function ``(w, k, grid) -> (K,) sorted values`` under `name` (a
+    decorator); `quantize` and ``quant.method`` then accept the name.
+
+    >>> @register_quantizer("median_split")
+    ... def median_split(w, k, grid):
+    ...     return jnp.quantile(w, (jnp.arange(k) + 0.5) / k)
+    >>> q = quantize(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), method="median_split", k=4)
+    >>> q.levels(), q.metadata["layers"]["kernel"]["method"]
+    ({'kernel': 4}, 'median_split')
+    >>> del QUANTIZERS["median_split"]
+    """
+    if not name or name == "auto" or name in QUANTIZERS:
+        raise ValueError(f"a quantizer needs a new name other than 'auto': got {name!r}")
+
+    def add(fn):
+        QUANTIZERS[name] = Quantizer(name, fn, needs_grid)
+        return fn
+
+    return add
+
+
+def quantizer(name: str) -> Quantizer:
+    """The registered quantizer `name` (a one-line error listing the names otherwise)."""
+    if name not in QUANTIZERS:
+        raise ConfigError(
+            f"unknown quantization method {name!r}: choose one of {tuple(QUANTIZERS)}"
+        )
+    return QUANTIZERS[name]
+
+
+def resolve(method: str, fam: Family) -> str:
+    """`method` made concrete for a layer of family `fam`: ``auto`` is the family's own
+    quantizer (`Family.quantizer`), any other name itself."""
+    return fam.quantizer if method == "auto" else method
+
+
+@register_quantizer("nearest", needs_grid=True)
+def _grid_codebook(w, k, grid):
+    return jnp.sort(jnp.asarray(grid, jnp.float32))
+
+
+@register_quantizer("uniform")
+def _uniform_codebook(w, k, grid):
+    return jnp.linspace(jnp.min(w), jnp.max(w), k, dtype=jnp.float32)
+
+
+@register_quantizer("kmeans")
+def _kmeans_codebook(w, k, grid):
+    return kmeans_1d(w, k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,26 +201,29 @@ def quantize(
     stats = as_tree(model, nnx.BatchStat)
     if reg is not None and k is None:
         tree = as_tree(model)
-        grids = grids_of(reg, params, tree, tree) if method in ("auto", "nearest") else {}
+        methods = {s.name: resolve(method, s.fam) for s in reg.layers}
+        needs = [s for s in reg.layers if quantizer(methods[s.name]).needs_grid]
+        grids = {s.name: reg.grid_values(s, params, tree, tree) for s in needs if s.fam.has_grid}
         layers = [(s.path, len(grids.get(s.name, ())) or s.k) for s in reg.layers]
+        families = {s.name: s.family for s in reg.layers}
     else:
         if k is None:
             raise ConfigError("quantize: give k (the levels per layer) or a regularization")
-        grids = {}
-        layers = [
-            (path, k)
-            for path, leaf in leaves_with_paths(params)
-            if np.ndim(leaf) >= 2 and re.fullmatch(include, path_name(path))
-        ]
+        grids, families = {}, {}
+        chosen = apply_rules(params, [Rule(include, family="none")])  # the one selector
+        layers = [(path, k) for path, _ in chosen.values()]
         if not layers:
             raise ConfigError(f"quantize: include={include!r} fully matches no kernel")
-    quantized, dequantized = quantize_params(params, layers, method=method, grids=grids)
-    families = {s.name: s.family for s in reg.layers} if reg is not None else {}
-    made_by = {}
-    for path, k in layers:
-        name = path_name(path)
-        how = method if method != "auto" else ("nearest" if name in grids else "kmeans")
-        made_by[name] = {"method": how, "k": k, "family": families.get(name, "none")}
+        methods = {path_name(p): resolve(method, family("none")) for p, _ in layers}
+    quantized, dequantized = quantize_params(params, layers, method=methods, grids=grids)
+    made_by = {
+        path_name(path): {
+            "method": methods[path_name(path)],
+            "k": k,
+            "family": families.get(path_name(path), "none"),
+        }
+        for path, k in layers
+    }
     metadata = {"method": method, "layers": made_by}
     if reg is not None:
         metadata["regularization"] = reg.describe()
@@ -183,33 +255,19 @@ def check_k(k: int) -> None:
         raise ConfigError(f"K must be an integer in [2, {MAX_K}], got {k}")
 
 
-def codebook_for(w: jax.Array, k: int, method: str, grid: jax.Array | None = None) -> jax.Array:
-    """The sorted codebook of one layer's weights under `method`."""
-    w = jnp.ravel(w).astype(jnp.float32)
-    if method == "nearest":
-        if grid is None:
-            raise ConfigError("quantization method 'nearest' needs a grid (a regularized model)")
-        return jnp.sort(jnp.asarray(grid, jnp.float32))
-    if method == "uniform":
-        return jnp.linspace(jnp.min(w), jnp.max(w), k, dtype=jnp.float32)
-    if method == "kmeans":
-        return kmeans_1d(w, k)
-    raise ConfigError(f"unknown quantization method {method!r}: choose one of {METHODS}")
-
-
 @functools.partial(jax.jit, static_argnames=("k", "method"))
 def quantize_array(w: jax.Array, k: int, method: str, grid: jax.Array | None = None):
-    """(indices, codebook) of one array; indices has w's shape."""
-    codebook = codebook_for(w, k, method, grid)
-    indices = assign(jnp.ravel(w).astype(jnp.float32), codebook).reshape(w.shape)
-    return indices, codebook
+    """(indices, codebook) of one array under the quantizer `method`; indices has w's shape."""
+    flat = jnp.ravel(w).astype(jnp.float32)
+    codebook = QUANTIZERS[method].codebook(flat, k, grid)
+    return assign(flat, codebook).reshape(w.shape), codebook
 
 
 def quantize_params(
     params: dict,
     layers: list[tuple[Path, int]],
     *,
-    method: str,
+    method: str | Mapping[str, str],
     grids: dict[str, jax.Array] | None = None,
 ) -> tuple[dict[str, QuantizedLayer], dict]:
     """Quantizes the kernels at `layers` ([(path, K)]) of a params tree.
@@ -217,24 +275,26 @@ def quantize_params(
     Args:
       params: nested dict of arrays (e.g. a TrainState's params).
       layers: the kernels to quantize and their K.
-      method: ``nearest`` (needs `grids`), ``uniform``, ``kmeans``, or ``auto`` (nearest
-        for the layers `grids` has, kmeans for the others).
-      grids: for ``nearest`` / ``auto``, layer grids by layer name.
+      method: a registered quantizer's name (`QUANTIZERS`: ``nearest`` needs `grids`,
+        ``uniform``, ``kmeans``), or {layer name: name} (`resolve` makes ``auto`` concrete).
+      grids: for the quantizers that need one, layer grids by layer name.
 
     Returns:
       ({name: QuantizedLayer}, dequantized params of the same structure as `params`).
     """
-    if method not in (*METHODS, "auto"):
-        raise ConfigError(f"unknown quantization method {method!r}: choose one of {METHODS}")
     quantized, dequantized = {}, params
     for path, k in layers:
         check_k(k)
-        grid = None if grids is None else grids.get(path_name(path))
-        if method == "nearest" and grid is None:
-            raise ConfigError(f"no grid for layer {path_name(path)}: use method kmeans or uniform")
-        how = ("nearest" if grid is not None else "kmeans") if method == "auto" else method
+        name = path_name(path)
+        how = quantizer(method[name] if isinstance(method, Mapping) else method)
+        grid = None if grids is None else grids.get(name)
+        if how.needs_grid and grid is None:
+            raise ConfigError(
+                f"no grid for layer {name}: quantizer {how.name!r} needs one "
+                "(a layer regularized by a family with a grid); use kmeans or uniform"
+            )
         w = get_in(params, path)
-        indices, codebook = quantize_array(w, k, how, grid if how == "nearest" else None)
+        indices, codebook = quantize_array(w, k, how.name, grid if how.needs_grid else None)
         layer = QuantizedLayer(path, indices, codebook)
         quantized[layer.name] = layer
         dequantized = set_in(dequantized, path, layer.dequantize().astype(w.dtype))

@@ -44,8 +44,9 @@ from flax import nnx
 
 from qarjax.errors import ConfigError, check_range, is_number, short
 from qarjax.families import Family, Settings, family
+from qarjax.families.dynamic import INIT_METHODS
 from qarjax.kmeans import assign, kmeans_1d
-from qarjax.representatives import INIT_METHODS, RANGE_MODES, GridRange, QuantConst, grid_range
+from qarjax.representatives import RANGE_MODES, GridRange, QuantConst, grid_range
 from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, merge, path_name, set_in
 
 SCHEDULES = ("constant", "warmup")
@@ -57,9 +58,13 @@ MAX_K = 65536
 class Rule:
     """Regularize the parameters whose name fully matches `pattern` (e.g. ``.*kernel``).
 
-    A parameter's settings come from every rule that matches it, later rules overriding the
-    fields they set (None: not set); it is regularized when they name a family other than
-    ``none``. `k` (levels, >= 2) is required then; `lam` defaults to 0.1.
+    The one layer selector of qarjax (`apply_rules`: `attach`, the config runs'
+    ``reg.include`` / ``exclude`` / ``*_overrides`` and ``quant.*`` alike): a parameter's
+    settings come from every rule that reaches it, later rules overriding the fields they set
+    (None: not set). A rule that names a family selects what it reaches; one with
+    ``exclude=True`` deselects it (a later rule with a family may select it again); the
+    others only set fields. A parameter is regularized when its family is not ``none``;
+    `k` (levels, >= 2) is required then; `lam` defaults to 0.1.
 
     `kernels_only` (default): the rule reaches only weight matrices and conv kernels
     (parameters of 2 or more dimensions, what the config runs select), never a bias, a
@@ -72,10 +77,65 @@ class Rule:
     k: int | None = None
     lam: float | None = None
     kernels_only: bool = True
+    exclude: bool = False
 
     def reaches(self, name: str, ndim: int) -> bool:
         """Whether this rule applies to the parameter `name` of `ndim` dimensions."""
-        return (ndim >= 2 or not self.kernels_only) and re.fullmatch(self.pattern, name) is not None
+        least = 2 if self.kernels_only else 1
+        return ndim >= least and re.fullmatch(self.pattern, name) is not None
+
+
+def apply_rules(params, rules: Sequence[Rule]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """{name: (path, the fields the rules set)} of the parameters `rules` select, in tree
+    order: the one selector (see `Rule`; later rules win)."""
+    out = {}
+    for path, leaf in leaves_with_paths(as_tree(params, nnx.Param)):
+        selected, fields = rule_fields(path_name(path), np.ndim(leaf), rules)
+        if selected:
+            out[path_name(path)] = (path, fields)
+    return out
+
+
+FIELDS = ("family", "k", "lam")
+
+
+def rule_fields(name: str, ndim: int, rules: Sequence[Rule]) -> tuple[bool, dict[str, Any]]:
+    """(whether `rules` select the parameter `name`, the fields they set on it)."""
+    fields, selected = {}, False
+    for rule in rules:
+        if rule.reaches(name, ndim):
+            if rule.exclude:
+                selected = False
+            elif rule.family is not None:
+                selected = True
+            fields.update({f: getattr(rule, f) for f in FIELDS if getattr(rule, f) is not None})
+    return selected, fields
+
+
+def config_rules(include: str, exclude: str, **fields) -> list[Rule]:
+    """The config's ``include`` / ``exclude`` (regexes searched in the names) as rules that
+    select with `fields` (family, k, lam)."""
+    try:
+        rules = [Rule(f".*(?:{include}).*", **fields)]
+        if exclude:
+            rules.append(Rule(f".*(?:{exclude}).*", exclude=True))
+        for rule in rules:
+            re.compile(rule.pattern)
+    except re.error as e:
+        raise ConfigError(f"bad layer regex: {e}") from None
+    return rules
+
+
+def override_rules(overrides, field: str) -> list[Rule]:
+    """The config's ``regex=value`` overrides of `field` (k or lam) as rules."""
+    return [Rule(pattern, **{field: value}) for pattern, value in overrides]
+
+
+def override(overrides, name: str, default):
+    """The value the ``regex=value`` `overrides` give the kernel `name` (as rules: a later
+    full match wins), else `default`."""
+    rules = [Rule(".*", k=default), *override_rules(overrides, "k")]
+    return rule_fields(name, 2, rules)[1]["k"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +161,7 @@ class LayerSpec:
 
 
 def parse_overrides(text: str, cast: Callable[[str], Any], what: str) -> list[tuple[str, Any]]:
-    """Parses 'regex=value,regex=value' into [(regex, value)] (first full match wins)."""
+    """Parses 'regex=value,regex=value' into [(regex, value)] (a later full match wins)."""
     out = []
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         if "=" not in item:
@@ -154,17 +214,16 @@ class Regularization:
     ) -> Regularization:
         """Selects layers of a params tree (or model) by `rules`; see `attach`."""
         tree = as_tree(params, nnx.Param)
-        leaves = {path_name(p): (p, np.ndim(leaf)) for p, leaf in leaves_with_paths(tree)}
-        names = {n: p for n, (p, ndim) in leaves.items() if ndim >= 1}
+        leaves = {path_name(p): np.ndim(leaf) for p, leaf in leaves_with_paths(tree)}
         if isinstance(rules, (Rule, str)):  # one rule; a string is refused below
             rules = [rules]
         for rule in rules:
             _check_rule(rule)
         for rule in rules:
-            if not any(rule.reaches(n, nd) for n, (_, nd) in leaves.items() if nd >= 1):
+            if not any(rule.reaches(n, nd) for n, nd in leaves.items()):
                 among = "weight matrices / kernels" if rule.kernels_only else "parameters"
                 hint = " (kernels_only=False reaches vectors)" if rule.kernels_only else ""
-                kernels = [n for n, (_, nd) in leaves.items() if nd >= 2 or not rule.kernels_only]
+                kernels = [n for n, nd in leaves.items() if nd >= 2 or not rule.kernels_only]
                 raise ConfigError(
                     f"attach rule {rule.pattern!r} fully matches none of the {among} "
                     f"({_shown(kernels)}){hint}"
@@ -172,19 +231,14 @@ class Regularization:
         check_range("start_step", start_step, 0, math.inf, integer=True)
         check_range("warmup_steps", warmup_steps, 0, math.inf, integer=True)
         specs = []
-        for name, path in names.items():
-            fields = {"family": "none", "k": None, "lam": 0.1}
-            for rule in rules:
-                if rule.reaches(name, leaves[name][1]):
-                    fields.update(
-                        {f: getattr(rule, f) for f in fields if getattr(rule, f) is not None}
-                    )
+        for name, (path, fields) in apply_rules(tree, rules).items():
             if fields["family"] == "none":
                 continue
-            if fields["k"] is None:
+            if fields.get("k") is None:
                 raise ConfigError(f"the rules regularizing {name} give it no k")
-            specs.append(LayerSpec(path, fields["k"], fields["lam"], fields["family"]))
+            specs.append(LayerSpec(path, fields["k"], fields.get("lam", 0.1), fields["family"]))
         if not specs:
+            names = [n for n, nd in leaves.items() if nd >= 1]
             raise ConfigError(f"the rules select no parameter of {len(names)} ({_shown(names)})")
         settings = Settings(
             range_mode, given_range, init, float(temperature), reduction, eta, dkm_temperature
@@ -206,25 +260,22 @@ class Regularization:
         cls, spec, params: dict, *, start_step: int = 0, warmup_steps: int = 0
     ) -> Regularization:
         """The regularization of a run's `qarjax.spec.RegSpec` (checked where it was built),
-        its layers selected from the params tree (include / exclude searched in the names;
-        k and lambda overrides, first full match wins, each matching some layer).
+        its layers selected from the params tree by the same rules as `attach` (include /
+        exclude searched in the names; k and lambda overrides, a later full match wins, each
+        matching some selected layer).
         `start_step`, `warmup_steps`: reg.start_epoch and reg.warmup_epochs in steps."""
         settings = Settings(
             spec.range_mode, spec.given_range, spec.init, spec.temperature, spec.reduction,
             spec.eta, spec.dkm_temperature,
         )  # fmt: skip
-        layers = select_layers(params, spec.include, spec.exclude)
-        names = [path_name(p) for p in layers]
+        rules = config_rules(spec.include, spec.exclude, family=spec.family, k=spec.k, lam=spec.lam)
+        names = [path_name(p) for p in select_layers(params, spec.include, spec.exclude)]
         check_rules_match(spec.k_overrides, names, "reg.k_overrides")
         check_rules_match(spec.lam_overrides, names, "reg.lam_overrides")
+        rules += override_rules(spec.k_overrides, "k") + override_rules(spec.lam_overrides, "lam")
         specs = tuple(
-            LayerSpec(
-                path,
-                first_match(spec.k_overrides, path_name(path), spec.k),
-                first_match(spec.lam_overrides, path_name(path), spec.lam),
-                spec.family,
-            )
-            for path in layers
+            LayerSpec(path, f["k"], f["lam"], f["family"])
+            for path, f in apply_rules(params, rules).values()
         )
         return cls(
             layers=specs,
@@ -269,9 +320,8 @@ class Regularization:
         """Each layer's K under `spec` (a `qarjax.spec.RegSpec`: k and k_overrides), for
         `initialize`; a run may change K this way without rebuilding (and recompiling) its
         train step."""
-        k_over = spec.k_overrides
-        check_rules_match(k_over, [s.name for s in self.layers], "reg.k_overrides")
-        ks = {s.name: first_match(k_over, s.name, spec.k) for s in self.layers}
+        check_rules_match(spec.k_overrides, [s.name for s in self.layers], "reg.k_overrides")
+        ks = {s.name: override(spec.k_overrides, s.name, spec.k) for s in self.layers}
         for s in self.layers:
             if s.fam.has_grid and not 2 <= ks[s.name] <= self.size(s.name):
                 raise ConfigError(
@@ -562,27 +612,14 @@ def _cluster_stats(w: jax.Array, grid: jax.Array, resolution) -> dict[str, jax.A
 
 
 def select_layers(params: dict, include: str, exclude: str) -> list[Path]:
-    """Paths of the params whose name matches `include` (re.search) and not `exclude`."""
-    try:
-        inc = re.compile(include)
-        exc = re.compile(exclude) if exclude else None
-    except re.error as e:
-        raise ConfigError(f"bad layer regex: {e}") from None
+    """Paths of the kernels whose name matches `include` (re.search) and not `exclude`: the
+    config's selection (`config_rules`)."""
     chosen = [
-        path
-        for path, leaf in leaves_with_paths(as_tree(params, nnx.Param))
-        if inc.search(path_name(path))
-        and not (exc and exc.search(path_name(path)))
-        and getattr(leaf, "ndim", 0) >= 2
+        p for p, _ in apply_rules(params, config_rules(include, exclude, family="none")).values()
     ]
     if not chosen:
         raise ConfigError(f"reg.include={include!r} (exclude={exclude!r}) selects no weight matrix")
     return chosen
-
-
-def first_match(overrides, name: str, default):
-    """The value of the first (regex, value) override whose regex fully matches `name`."""
-    return next((value for pattern, value in overrides if re.fullmatch(pattern, name)), default)
 
 
 def check_rules_match(overrides, names: list[str], what: str, among="selected layers") -> None:

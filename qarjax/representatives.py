@@ -1,4 +1,4 @@
-"""Representatives as model parameters: the Variable types and their initialization.
+"""Quantization variables as model variables: their types, and the grid range of a layer.
 
 A regularized layer (say the kernel at ``conv1/conv/kernel``) gets, on the module that owns
 the kernel, variables named after it:
@@ -25,11 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qarjax import regularizers
 from qarjax.errors import ConfigError
-from qarjax.kmeans import kmeans_1d
 
-INIT_METHODS = ("kmeans", "quantile", "uniform")
 RANGE_MODES = ("quantile", "minmax", "symmetric", "given")
 RANGE_QUANTILE = 0.001  # `quantile` range: [q_0.001(w), q_0.999(w)]
 
@@ -92,17 +89,3 @@ def grid_range(w: jax.Array, mode: str = "quantile", given: tuple[float, float] 
         raise ConfigError(f"unknown range mode {mode!r}: choose one of {RANGE_MODES}")
     hi = jnp.maximum(hi, lo + 1e-12)  # a constant layer still gets a valid (tiny) range
     return jnp.stack([lo, hi])
-
-
-@functools.partial(jax.jit, static_argnames=("k", "method"))
-def init_representatives(w: jax.Array, k: int, method: str, lo, hi) -> jax.Array:
-    """K starting representatives for a layer: ``kmeans`` (1-D k-means of w, the default),
-    ``quantile`` (the K mid-bin quantiles of w) or ``uniform`` (the sine grid over [lo, hi])."""
-    w = jnp.ravel(w).astype(jnp.float32)
-    if method == "kmeans":
-        return kmeans_1d(w, k)
-    if method == "quantile":
-        return jnp.quantile(w, (jnp.arange(k) + 0.5) / k)
-    if method == "uniform":
-        return regularizers.sine_grid(k, lo, hi).astype(jnp.float32)
-    raise ConfigError(f"unknown representative init {method!r}: choose one of {INIT_METHODS}")

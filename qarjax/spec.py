@@ -40,7 +40,7 @@ from qarjax.families import Settings, family
 from qarjax.models import check_model
 from qarjax.optim import OPTIMIZERS
 from qarjax.optim import SCHEDULES as LR_SCHEDULES
-from qarjax.quantize import METHODS
+from qarjax.quantize import quantizer, resolve
 from qarjax.regularization import MAX_K, SCHEDULES, check_settings, parse_overrides
 
 __all__ = [
@@ -156,11 +156,8 @@ class QuantSpec:
     tune_optimizer: str
 
     def resolved_method(self, reg: RegSpec) -> str:
-        """``auto`` made concrete: ``nearest`` (the family's own grid) where the family has
-        one, ``kmeans`` otherwise."""
-        if self.method != "auto":
-            return self.method
-        return "nearest" if family(reg.family).has_grid else "kmeans"
+        """``auto`` made concrete for the run's family (`qarjax.quantize.resolve`)."""
+        return resolve(self.method, family(reg.family))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,10 +517,8 @@ def _reg(c) -> RegSpec:
 
 def _quant(c) -> QuantSpec:
     q = c.quant
-    if q.method != "auto" and q.method not in METHODS:
-        raise ConfigError(f"unknown quantization method {q.method!r}: choose one of {METHODS}")
-    if q.method == "nearest" and not family(c.reg.family).has_grid:
-        raise ConfigError(f"method 'nearest' needs a grid: reg.family {c.reg.family!r} has none")
+    if q.method != "auto" and quantizer(q.method).needs_grid and not family(c.reg.family).has_grid:
+        raise ConfigError(f"method {q.method!r} needs a grid: reg.family {c.reg.family!r} has none")
     if q.k != -1 and not (is_whole(q.k) and 2 <= q.k <= MAX_K):
         raise ConfigError(f"K must be an integer in [2, {MAX_K}], got {short(q.k)}")
     for key in ("include", "exclude"):

@@ -1,12 +1,12 @@
-"""DKM and LSQ (qarjax.dkm, qarjax.lsq) against float64 references written from the papers."""
+"""DKM and LSQ (qarjax.families.dkm, .lsq) against float64 references written from the papers."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qarjax import dkm, lsq
 from qarjax.errors import ConfigError
+from qarjax.families import dkm, lsq
 from qarjax.kmeans import kmeans_1d, within_cluster_error
 
 FQ = jax.jit(lsq.fake_quantize)  # K traced: one compilation per shape for every K

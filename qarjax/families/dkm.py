@@ -1,4 +1,5 @@
-r"""DKM, differentiable k-means: pure, jit-able functions on one layer's weights.
+r"""The DKM family (differentiable k-means): its pure, jit-able functions on one layer's weights
+and its class (`Dkm`).
 
 During training each selected kernel W is replaced by its soft reconstruction
 W~ = A C: A is the (n, K) attention of the n weights over the layer's K centroids,
@@ -43,8 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from qarjax.errors import ConfigError
+from qarjax.families import NoPenalty, register
 from qarjax.kmeans import assign as sorted_assign
 from qarjax.kmeans import kmeans_1d
+from qarjax.representatives import DkmCentroids, GridSize
 
 DISTANCES = ("abs", "squared")
 
@@ -251,3 +254,37 @@ def assign(w: jax.Array, centroids: jax.Array, mask: jax.Array | None = None) ->
 def hard_quantize(w: jax.Array, centroids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Each weight replaced by its nearest live centroid, shaped like w."""
     return jnp.take(centroids, assign(w, centroids, mask)).astype(w.dtype)
+
+
+@register
+class Dkm(NoPenalty):
+    """DKM (Cho et al. 2022): the kernel replaced by its soft reconstruction over K centroids
+    solved by soft k-means in the forward pass (tau = t h, t = `dkm_temperature`, h the
+    centroids' mean spacing: t = 0.1 is about as soft as coremltools' default tau = 1e-4 on
+    squared distances, for weights at a spacing of 0.03); no penalty. The solved centroids
+    start the next step's solve; after training the layer is quantized to them."""
+
+    name = "dkm"
+    has_grid = True
+    suffixes = ("k", "centroids")
+    carries = ("centroids",)
+    step_factor = 1.3
+
+    def variables(self, size):
+        return {"k": GridSize(jnp.int32(size)), "centroids": DkmCentroids(jnp.zeros(size))}
+
+    def start(self, w, k, rng, s, size):
+        centroids, _ = init_centroids(jnp.ravel(w).astype(jnp.float32), k, size)
+        return {"k": jnp.int32(k), "centroids": centroids}
+
+    def forward(self, w, v, s):
+        c, mask = v["centroids"], centroid_mask(v["k"], v["centroids"].shape[-1])
+        live = jnp.where(mask, c, jnp.nan)
+        h = (jnp.nanmax(live) - jnp.nanmin(live)) / (v["k"] - 1)
+        tau = jax.lax.stop_gradient(s.dkm_temperature * jnp.maximum(h, 1e-8))
+        w_soft, new, _ = soft_quantize(w, c, mask, tau=tau)
+        return w_soft, {"centroids": new}
+
+    def grid(self, w, v, s, size):
+        mask = centroid_mask(v["k"], size)
+        return jnp.sort(jnp.where(mask, v["centroids"], jnp.inf))

@@ -1,4 +1,5 @@
-r"""LSQ, learned step size quantization: pure, jit-able functions on one layer's weights.
+r"""The LSQ family (learned step size quantization): its pure, jit-able functions on one
+layer's weights and its class (`Lsq`).
 
 Uniform fake quantization of a kernel with a trainable per-layer step s (Esser et al.):
 
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qarjax.errors import ConfigError
+from qarjax.families import NoPenalty, register
+from qarjax.representatives import GridSize, QuantScalar
 
 
 def round_ste(x: jax.Array) -> jax.Array:
@@ -144,3 +147,34 @@ def grid(step, k, k_max: int | None = None) -> jax.Array:
     j = jnp.arange(k_max)
     values = ((j - q_n).astype(step.dtype) + o.astype(step.dtype)) * step
     return jnp.where(j < k, values, jnp.inf)
+
+
+@register
+class Lsq(NoPenalty):
+    """LSQ (Esser et al. 2020): the kernel fake-quantized to K uniform levels of a trained
+    step s in the forward pass (straight-through rounding, the paper's step gradient); no
+    penalty; after training the layer is quantized to its K levels."""
+
+    name = "lsq"
+    has_grid = True
+    suffixes = ("k", "step")
+    step_factor = 1.2
+
+    def variables(self, size):
+        return {"k": GridSize(jnp.int32(size)), "step": QuantScalar(jnp.float32(1.0))}
+
+    def start(self, w, k, rng, s, size):
+        return {"k": jnp.int32(k), "step": init_step(w, k).astype(jnp.float32)}
+
+    def forward(self, w, v, s):
+        return fake_quantize(w, _positive(v["step"]), v["k"]), {}
+
+    def grid(self, w, v, s, size):
+        return grid(_positive(v["step"]), v["k"], k_max=size)
+
+    def labels(self):  # the weights' optimizer, as in the paper (its gradient scale g sizes
+        return {"step": "weights"}  # the step's gradient for SGD; "kernel$" decay skips it
+
+
+def _positive(step):
+    return jnp.maximum(step, 1e-8)  # the paper leaves s unconstrained; a step must stay > 0
