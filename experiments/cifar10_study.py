@@ -109,11 +109,11 @@ def ordered_cells(args) -> list[Cell]:
     return out
 
 
-def base_config(model: str, method: str, args):
+def base_config(model: str, family_name: str, args):
     scale = SCALES[args.scale]
     name = scale["config"] or f"{model}_cifar10.py"
     name = name[model] if isinstance(name, dict) else name
-    config = load_config(str(ROOT / "configs" / name), method)
+    config = load_config(str(ROOT / "configs" / name), family_name)
     config.model, config.progress, config.tensorboard = model, False, False
     if args.dataset or scale.get("dataset"):
         config.dataset = args.dataset or scale["dataset"]
@@ -121,8 +121,8 @@ def base_config(model: str, method: str, args):
         share = config.reg.start_epoch / config.num_epochs
         config.num_epochs = args.epochs
         config.reg.start_epoch = min(max(1, round(share * args.epochs)), args.epochs - 1)
-    if family(method).baseline_lambda is not None:
-        config.reg.lam = family(method).baseline_lambda
+    if family(family_name).baseline_lambda is not None:
+        config.reg.lam = family(family_name).baseline_lambda
     config.reg.k_max = max(args.ks)
     # the plain run keeps the branch point (cpu-full: every other epoch, so the validation
     # search can try an earlier start)

@@ -202,8 +202,8 @@ def quantize(
     if reg is not None and k is None:
         tree = as_tree(model)
         methods = {s.name: resolve(method, s.fam) for s in reg.layers}
-        needs = [s for s in reg.layers if quantizer(methods[s.name]).needs_grid]
-        grids = {s.name: reg.grid_values(s, params, tree, tree) for s in needs if s.fam.has_grid}
+        needs = any(quantizer(m).needs_grid for m in methods.values())
+        grids = grids_of(reg, params, tree, tree) if needs else {}
         layers = [(s.path, len(grids.get(s.name, ())) or s.k) for s in reg.layers]
         families = {s.name: s.family for s in reg.layers}
     else:
