@@ -1,12 +1,12 @@
 """1-D k-means for weight sharing, jitted on the device.
 
 Lloyd's algorithm only descends to a fixed point, and an empirical weight distribution has
-many: for 20,000 normal samples and K = 64, Lloyd from the K quantiles stops at 1.7x the
-error that scikit-learn's k-means++ reaches. In one dimension the optimum is computable: the
-optimal clusters are runs of the sorted weights, and a dynamic programme over the run
-boundaries finds the best k runs (as Ckmeans.1d.dp does). Over n points that is O(K n^2), so
-for K <= DP_MAX_K this module runs it over *atoms*, groups of weights that a cluster takes
-whole, each a (count, mean):
+many: from the K quantiles it stops far above the error that scikit-learn's k-means++
+reaches (the figures behind this module's choices: results/design_measurements.md). In one
+dimension the optimum is computable: the optimal clusters are runs of the sorted weights,
+and a dynamic programme over the run boundaries finds the best k runs (as Ckmeans.1d.dp
+does). Over n points that is O(K n^2), so for K <= DP_MAX_K this module runs it over
+*atoms*, groups of weights that a cluster takes whole, each a (count, mean):
 
 - n <= EXACT_MAX_N: the atoms are the sorted weights themselves, so the result is the exact
   optimum (Lloyd then has nothing left to move).
@@ -16,25 +16,23 @@ whole, each a (count, mean):
   The current partition is one of the candidates, so a round never loses, and the programme
   can move any boundary or hand a cluster from one end of the range to the other, which
   Lloyd cannot. Each round resolves the bulk more finely where the clusters went, so a
-  heavy-tailed layer does not keep the few bulk centroids that an even start gives it (the
-  former start, the programme over a 2048-bin uniform histogram, stopped at 1.75x the optimum
-  on 200,000 Student-t(3) values at K = 256). A cell whose weights gather in a small part of
-  it (a far outlier makes the bulk's cell wide at first) is cut evenly in z / (1 + |z|),
-  z = (w - centroid) / (mean |w - centroid| in the cell), instead of evenly in w. Rounds stop
-  when the programme beats the cells' own partition by less than ROUND_RTOL, or after
-  MAX_ROUNDS; Lloyd then polishes on the weights.
+  heavy-tailed layer does not keep the few bulk centroids that an even start gives it (as the
+  former start, the programme over a uniform histogram, did). A cell whose weights gather
+  in a small part of it (a far outlier makes the bulk's cell wide at first) is cut evenly
+  in z / (1 + |z|), z = (w - centroid) / (mean |w - centroid| in the cell), instead of
+  evenly in w. Rounds stop when the programme beats the cells' own partition by less than
+  ROUND_RTOL, or after MAX_ROUNDS; Lloyd then polishes on the weights.
 
 The programme: best[m, j] = min_{i<j} best[m-1, i] + cost(i, j), cost(i, j) the squared error
 of atoms i..j-1 around their mean. The costs come from Welford's update, atom j added to the
 runs from every start i at once (cost(i, j+1) = cost(i, j) + n_j N / (N + n_j) (x_j - mean)^2,
-B sequential steps of O(B) work): prefix sums of x^2 cancel catastrophically in float32 (a
-432-weight kernel reached 1.12x the optimum at K = 256, with dead clusters). The minimising i
+B sequential steps of O(B) work): prefix sums of x^2 cancel catastrophically in float32 (dead
+clusters on a small kernel at K = 256). The minimising i
 is monotone in j, so when K B^2 is large each of the K-1 layers is divide and conquer over j,
 a whole level of the recursion at once (O(B log B) per layer, not O(B^2)).
 
-Measured (float32, 200,000 values, experiments/kmeans_quality.py): within 1.0013x of the
-exact optimum for normal and Student-t(3) weights at K in {16, 64, 192, 256} (the former
-start: up to 1.75x), where scikit-learn's KMeans (n_init=1) stops at 1.006x to 1.07x.
+Its error against the exact optimum and scikit-learn's KMeans: experiments/kmeans_quality.py,
+results/kmeans_quality_cpu.json.
 
 Lloyd step: with the centroids sorted, a weight's cluster is the number of the K-1 midpoints
 below it (all compared at once up to K = 129, a two-level count up to K = 1025, binary search

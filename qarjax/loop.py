@@ -250,7 +250,7 @@ def fit(
         check_trainer_fits(trainer.spec, spec)
     if jax.process_index() == 0:  # a run's first log line
         print(trainer.augmentation.describe(), flush=True)
-    ks = trainer.reg.ks_for(spec.reg) if trainer.reg.active else None
+    ks = trainer.reg.ks_for(spec.reg) if trainer.reg.any_regularized else None
     reg_start = spec.reg.start_epoch
     state = trainer.init_state()
     if loop.init_from:  # a pretrained model to start from (resume still wins below)
@@ -289,7 +289,7 @@ def fit(
     test, epoch_rates = {"loss": float("nan"), "accuracy": float("nan")}, []
     try:
         for epoch in range(start_epoch, spec.train.num_epochs):
-            if trainer.reg.active and epoch == reg_start:
+            if trainer.reg.any_regularized and epoch == reg_start:
                 state = trainer.start_regularization(state, ks)
             bar = tqdm(
                 total=trainer.steps_per_epoch,
@@ -316,7 +316,7 @@ def fit(
                 "epoch_seconds": seconds,
                 "images_per_second": rate,
             }
-            if trainer.reg.layers and (trainer.reg.active or spec.reg.k >= 2):
+            if trainer.reg.layers and (trainer.reg.any_regularized or spec.reg.k >= 2):
                 record["layers"] = trainer.regularizer_metrics(state)
             with deferred_stop():  # the epoch's metrics line and its checkpoint go together
                 writer.write(record["step"], record)

@@ -27,7 +27,7 @@ class ModelDef:
     Attributes:
       graphdef: the NNX graph definition (structure, no arrays).
       reg: the model's `Regularization` (its variables are attached to the model).
-      initial: {"params", "quant", "consts", "batch_stats"}: the freshly built model's trees
+      initial: {"params", "qparams", "consts", "batch_stats"}: the freshly built model's trees
         (host arrays; names and shapes).
     """
 
@@ -52,35 +52,37 @@ class ModelDef:
         reg = Regularization.from_spec(
             spec.reg, plain, start_step=steps.reg_start, warmup_steps=steps.reg_warmup
         )
-        if reg.active:
-            reg.attach(model)
-        graphdef, quant, params, consts, batch_stats, rest = nnx.split(
+        if reg.any_regularized:
+            reg.add_variables(model)
+        graphdef, qparams, params, consts, batch_stats, rest = nnx.split(
             model, QuantParam, nnx.Param, QuantConst, nnx.BatchStat, ...
         )
         if jax.tree.leaves(rest):
             raise ValueError("models must keep no state besides params and batch stats")
         initial = {
             "params": nnx.to_pure_dict(params),
-            "quant": nnx.to_pure_dict(quant),
+            "qparams": nnx.to_pure_dict(qparams),
             "consts": nnx.to_pure_dict(consts),
             "batch_stats": nnx.to_pure_dict(batch_stats),
         }
         return cls(graphdef, reg, initial)
 
-    def merge(self, params, quant, consts, batch_stats, active=True) -> tuple[nnx.Module, dict]:
+    def merge(
+        self, params, qparams, consts, batch_stats, family_forward=True
+    ) -> tuple[nnx.Module, dict]:
         """The model with these trees, its kernels as the regularizer's forward pass sees them
-        (unchanged for the penalty families, and while `active` is false: before the start,
+        (unchanged for the penalty families, and while `family_forward` is false: before the start,
         or for quantized params), and the consts that pass carries on."""
-        params, carried = self.reg.forward(params, quant, consts, active)
-        return nnx.merge(self.graphdef, quant, params, consts, batch_stats), carried
+        params, carried = self.reg.forward(params, qparams, consts, family_forward)
+        return nnx.merge(self.graphdef, qparams, params, consts, batch_stats), carried
 
     def apply(
-        self, params, quant, consts, batch_stats, images, *, train: bool, dropout_key=None,
-        active=True,
+        self, params, qparams, consts, batch_stats, images, *, train: bool, dropout_key=None,
+        family_forward=True,
     ):  # fmt: skip
         """(logits, {"batch_stats", "consts"}: the updated batch statistics and the
         quantization constants the forward pass carries on) for normalized `images`."""
-        model, carried = self.merge(params, quant, consts, batch_stats, active)
+        model, carried = self.merge(params, qparams, consts, batch_stats, family_forward)
         rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
         logits = model(images, train=train, rngs=rngs)
         return logits, {
@@ -89,12 +91,12 @@ class ModelDef:
         }
 
     def batch_statistics(
-        self, params, quant, consts, batch_stats, images, dropout_key, active=False
+        self, params, qparams, consts, batch_stats, images, dropout_key, family_forward=False
     ) -> dict:
         """The batch-norm statistics of one batch of normalized `images` under `params`, in
         train mode (dropout active as in training: VGG16 has dropout after its last batch
         norm, and train mode without dropout rngs is an error in NNX)."""
-        model, _ = self.merge(params, quant, consts, batch_stats, active)
+        model, _ = self.merge(params, qparams, consts, batch_stats, family_forward)
         modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
         for _, module in modules:
             if isinstance(module, nnx.BatchNorm):

@@ -31,8 +31,7 @@ the same recursion on its own (`pull_momentum`, default 0.9), whatever `tx` is:
 ``optimizer(sgd(lr, momentum=beta), reg)`` with ``loss + reg.penalty(model)`` pulls it (equal
 updates when the task's gradient is zero, a test), so a lambda tuned with SGD carries over to
 AdamW at the SGD run's learning rate. Without the momentum (``pull_momentum=0``) the pull is
-1 - beta times as strong: measured on a small MLP at K = 2, AdamW then kept several points less
-accuracy before tuning than SGD at the same lambda (`tests/test_public_api.py`).
+1 - beta times as strong (what that costs: results/design_measurements.md).
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ class PullState(NamedTuple):
 
 
 def _penalty_grads(reg, params, consts):
-    if any(s.fam.needs_loss for s in reg.layers):
+    if any(s.impl.needs_loss for s in reg.layers):
         raise ConfigError("a decoupled pull needs an elementwise term: gradient_l1 has none")
     if consts is None:
         raise ValueError(

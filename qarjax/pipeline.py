@@ -84,10 +84,10 @@ def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> Quanti
     method, layers = quantization_plan(trainer, spec)
     grids = None
     if quantizer(method).needs_grid:
-        if trainer.reg.active:  # the run's K (trainers serve several)
+        if trainer.reg.any_regularized:  # the run's K (trainers serve several)
             ks = trainer.reg.ks_for(spec.reg)
             layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
-        grids = grids_of(trainer.reg, state.params, state.quant, state.consts)
+        grids = grids_of(trainer.reg, state.params, state.qparams, state.consts)
         for path, _ in layers:
             if path_name(path) not in grids:
                 raise ConfigError(f"layer {path_name(path)} was not regularized: it has no grid")

@@ -201,7 +201,7 @@ def quantize(
     stats = as_tree(model, nnx.BatchStat)
     if reg is not None and k is None:
         tree = as_tree(model)
-        methods = {s.name: resolve(method, s.fam) for s in reg.layers}
+        methods = {s.name: resolve(method, s.impl) for s in reg.layers}
         needs = any(quantizer(m).needs_grid for m in methods.values())
         grids = grids_of(reg, params, tree, tree) if needs else {}
         layers = [(s.path, len(grids.get(s.name, ())) or s.k) for s in reg.layers]
@@ -245,9 +245,11 @@ def _first_difference(ours, theirs, what: str) -> str:
     return "the trees differ in structure"
 
 
-def grids_of(reg, params: dict, quant: dict, consts: dict) -> dict[str, np.ndarray]:
+def grids_of(reg, params: dict, qparams: dict, consts: dict) -> dict[str, np.ndarray]:
     """{layer name: its K grid values} for `reg`'s layers whose family has a grid."""
-    return {s.name: reg.grid_values(s, params, quant, consts) for s in reg.layers if s.fam.has_grid}
+    return {
+        s.name: reg.grid_values(s, params, qparams, consts) for s in reg.layers if s.impl.has_grid
+    }
 
 
 def check_k(k: int) -> None:

@@ -152,7 +152,8 @@ class LayerSpec:
         return path_name(self.path)
 
     @property
-    def fam(self) -> Family:
+    def impl(self) -> Family:
+        """The registered `Family` that `family` names."""
         return family(self.family)
 
     def var_path(self, suffix: str) -> Path:
@@ -230,59 +231,55 @@ class Regularization:
                 )
         check_range("start_step", start_step, 0, math.inf, integer=True)
         check_range("warmup_steps", warmup_steps, 0, math.inf, integer=True)
-        specs = []
-        for name, (path, fields) in apply_rules(tree, rules).items():
-            if fields["family"] == "none":
-                continue
-            if fields.get("k") is None:
-                raise ConfigError(f"the rules regularizing {name} give it no k")
-            specs.append(LayerSpec(path, fields["k"], fields.get("lam", 0.1), fields["family"]))
-        if not specs:
-            names = [n for n, nd in leaves.items() if nd >= 1]
-            raise ConfigError(f"the rules select no parameter of {len(names)} ({_shown(names)})")
         settings = Settings(
             range_mode, given_range, init, float(temperature), reduction, eta, dkm_temperature
         )
         check_settings(settings)
         if k_max is not None:
             check_range("k_max", k_max, 2, MAX_K, integer=True)
-        return cls(
-            tuple(specs),
-            k_max=max([k_max or 0, *(s.k for s in specs)]),
-            start_step=int(start_step),
-            warmup_steps=int(warmup_steps),
-            schedule=schedule,
-            settings=settings,
-        )
+        reg = cls.build(tree, rules, settings, k_max or 0, start_step, warmup_steps, schedule)
+        if not reg.layers:
+            names = [n for n, nd in leaves.items() if nd >= 1]
+            raise ConfigError(f"the rules select no parameter of {len(names)} ({_shown(names)})")
+        return reg
 
     @classmethod
     def from_spec(
         cls, spec, params: dict, *, start_step: int = 0, warmup_steps: int = 0
     ) -> Regularization:
-        """The regularization of a run's `qarjax.spec.RegSpec` (checked where it was built),
-        its layers selected from the params tree by the same rules as `attach` (include /
-        exclude searched in the names; k and lambda overrides, a later full match wins, each
-        matching some selected layer).
+        """The regularization of a run's `qarjax.spec.RegSpec` (checked where it was built):
+        its `rules()` and `settings()`, the ones `attach` takes, built the same way; the
+        layers a plain run (family ``none``) selects are kept, for its quantization.
         `start_step`, `warmup_steps`: reg.start_epoch and reg.warmup_epochs in steps."""
-        settings = Settings(
-            spec.range_mode, spec.given_range, spec.init, spec.temperature, spec.reduction,
-            spec.eta, spec.dkm_temperature,
-        )  # fmt: skip
-        rules = config_rules(spec.include, spec.exclude, family=spec.family, k=spec.k, lam=spec.lam)
         names = [path_name(p) for p in select_layers(params, spec.include, spec.exclude)]
         check_rules_match(spec.k_overrides, names, "reg.k_overrides")
         check_rules_match(spec.lam_overrides, names, "reg.lam_overrides")
-        rules += override_rules(spec.k_overrides, "k") + override_rules(spec.lam_overrides, "lam")
-        specs = tuple(
-            LayerSpec(path, f["k"], f["lam"], f["family"])
-            for path, f in apply_rules(params, rules).values()
-        )
+        return cls.build(
+            params, spec.rules(), spec.settings(), spec.k_max, start_step, warmup_steps,
+            spec.schedule, keep_unregularized=True,
+        )  # fmt: skip
+
+    @classmethod
+    def build(
+        cls, params, rules, settings, k_max, start_step, warmup_steps, schedule,
+        keep_unregularized=False,
+    ) -> Regularization:  # fmt: skip
+        """The one construction under `from_rules` and `from_spec` (their inputs checked):
+        a layer per parameter the rules select, family ``none`` kept if
+        `keep_unregularized`."""
+        specs = []
+        for name, (path, fields) in apply_rules(params, rules).items():
+            if fields["family"] == "none" and not keep_unregularized:
+                continue
+            if fields.get("k") is None:
+                raise ConfigError(f"the rules regularizing {name} give it no k")
+            specs.append(LayerSpec(path, fields["k"], fields.get("lam", 0.1), fields["family"]))
         return cls(
-            layers=specs,
-            k_max=max([spec.k_max, *(s.k for s in specs)]),
+            tuple(specs),
+            k_max=max([k_max, *(s.k for s in specs)]),
             start_step=int(start_step),
             warmup_steps=int(warmup_steps),
-            schedule=spec.schedule,
+            schedule=schedule,
             settings=settings,
         )
 
@@ -303,7 +300,8 @@ class Regularization:
         }
 
     @property
-    def active(self) -> bool:
+    def any_regularized(self) -> bool:
+        """Whether some layer has a family other than `none`."""
         return any(s.family != "none" for s in self.layers)
 
     @property
@@ -314,7 +312,7 @@ class Regularization:
     def has_grid(self, layer: LayerSpec | None = None) -> bool:
         """Whether `layer` (default: every layer) has a grid of its own."""
         layers = self.layers if layer is None else (layer,)
-        return bool(layers) and all(s.fam.has_grid for s in layers)
+        return bool(layers) and all(s.impl.has_grid for s in layers)
 
     def ks_for(self, spec) -> dict[str, int]:
         """Each layer's K under `spec` (a `qarjax.spec.RegSpec`: k and k_overrides), for
@@ -323,18 +321,18 @@ class Regularization:
         check_rules_match(spec.k_overrides, [s.name for s in self.layers], "reg.k_overrides")
         ks = {s.name: override(spec.k_overrides, s.name, spec.k) for s in self.layers}
         for s in self.layers:
-            if s.fam.has_grid and not 2 <= ks[s.name] <= self.size(s.name):
+            if s.impl.has_grid and not 2 <= ks[s.name] <= self.padded_k(s.name):
                 raise ConfigError(
-                    f"K={ks[s.name]} for {s.name} is outside [2, {self.size(s.name)}]: the "
-                    f"model was built for reg.k_max={self.size(s.name)}"
+                    f"K={ks[s.name]} for {s.name} is outside [2, {self.padded_k(s.name)}]: the "
+                    f"model was built for reg.k_max={self.padded_k(s.name)}"
                 )
         return ks
 
-    def size(self, name: str) -> int:
+    def padded_k(self, name: str) -> int:
         """The padded length of a layer's representatives / grid (>= every K it can take)."""
         return max(self.k_max, next(s.k for s in self.layers if s.name == name))
 
-    def attach(self, model: nnx.Module) -> None:
+    def add_variables(self, model: nnx.Module) -> None:
         """Adds each layer's variables to the module that owns its kernel (placeholders until
         `start`)."""
         for layer in self.layers:
@@ -343,7 +341,7 @@ class Regularization:
             owner = _module_at(model, layer.path[:-1])
             leaf = layer.path[-1]
             setattr(owner, f"{leaf}_range", GridRange(jnp.array([-1.0, 1.0], jnp.float32)))
-            for suffix, variable in layer.fam.variables(self.size(layer.name)).items():
+            for suffix, variable in layer.impl.variables(self.padded_k(layer.name)).items():
                 setattr(owner, f"{leaf}_{suffix}", variable)
 
     def consts(self, model) -> dict:
@@ -356,15 +354,15 @@ class Regularization:
         return {
             path_name(s.var_path(suffix)): label
             for s in self.layers
-            for suffix, label in s.fam.labels().items()
+            for suffix, label in s.impl.labels().items()
         }
 
     # ------------------------------------------------------------------ start of regularization
     def initialize(
-        self, params: dict, quant: dict, consts: dict, ks: dict[str, int] | None = None
+        self, params: dict, qparams: dict, consts: dict, ks: dict[str, int] | None = None
     ) -> tuple[dict, dict]:
         """Fixes each layer's range and K and starts its family's variables from the
-        weights; returns the new (quant, consts) trees.
+        weights; returns the new (qparams, consts) trees.
 
         `ks`: K per layer name (see `ks_for`; default: each layer's configured K).
         """
@@ -375,21 +373,21 @@ class Regularization:
             w = get_in(params, layer.path)
             rng = grid_range(w, self.settings.range_mode, self.settings.given_range)
             consts = set_in(consts, layer.var_path("range"), rng)
-            values = layer.fam.start(w, k, rng, self.settings, self.size(layer.name))
-            trainable_suffixes = layer.fam.labels()
+            values = layer.impl.start(w, k, rng, self.settings, self.padded_k(layer.name))
+            trainable_suffixes = layer.impl.labels()
             for suffix, value in values.items():
                 if suffix in trainable_suffixes:
-                    quant = set_in(quant, layer.var_path(suffix), value)
+                    qparams = set_in(qparams, layer.var_path(suffix), value)
                 else:
                     consts = set_in(consts, layer.var_path(suffix), value)
-        return quant, consts
+        return qparams, consts
 
     def start(self, model: nnx.Module, ks: dict[str, int] | None = None) -> None:
         """Starts regularization on `model` in place: each layer's range and K are fixed and
         its representatives (or R^2 parameters) initialized from the current weights."""
         tree = as_tree(model)
-        quant, consts = self.initialize(tree, {}, {}, ks)
-        nnx.update(model, merge(quant, consts))
+        qparams, consts = self.initialize(tree, {}, {}, ks)
+        nnx.update(model, merge(qparams, consts))
 
     # ------------------------------------------------------------------ the loss term
     def strength(self, step: jax.Array) -> jax.Array:
@@ -405,19 +403,21 @@ class Regularization:
             return started * jnp.clip((step - self.start_step + 1) / self.warmup_steps, 0.0, 1.0)
         return started
 
-    def _vars(self, layer: LayerSpec, quant: dict, consts: dict) -> dict[str, jax.Array]:
-        trainable = layer.fam.labels()
-        suffixes = ("range", *layer.fam.suffixes)
-        return {s: get_in(quant if s in trainable else consts, layer.var_path(s)) for s in suffixes}
+    def _vars(self, layer: LayerSpec, qparams: dict, consts: dict) -> dict[str, jax.Array]:
+        trainable = layer.impl.labels()
+        suffixes = ("range", *layer.impl.suffixes)
+        return {
+            s: get_in(qparams if s in trainable else consts, layer.var_path(s)) for s in suffixes
+        }
 
-    def layer_value(self, layer: LayerSpec, w: jax.Array, quant: dict, consts: dict) -> jax.Array:
+    def layer_value(self, layer: LayerSpec, w: jax.Array, qparams: dict, consts: dict) -> jax.Array:
         """The unweighted R_l of one layer."""
-        return layer.fam.value(w, self._vars(layer, quant, consts), self.settings)
+        return layer.impl.value(w, self._vars(layer, qparams, consts), self.settings)
 
     def terms(
         self,
         params: dict,
-        quant: dict,
+        qparams: dict,
         consts: dict,
         step: jax.Array | None = None,
         ce_of_params: Callable[[dict], jax.Array] | None = None,
@@ -431,16 +431,16 @@ class Regularization:
         if not layers:
             return jnp.float32(0.0), {}
         grads = None
-        if any(s.fam.needs_loss for s in layers):
+        if any(s.impl.needs_loss for s in layers):
             if ce_of_params is None:
                 raise ValueError("gradient_l1 needs the loss as a function of the params")
             grads = jax.grad(ce_of_params)(params)
         values = {}
         for s in layers:
-            if s.fam.needs_loss:
+            if s.impl.needs_loss:
                 values[s.name] = jnp.sum(jnp.abs(get_in(grads, s.path)))
             else:
-                values[s.name] = self.layer_value(s, get_in(params, s.path), quant, consts)
+                values[s.name] = self.layer_value(s, get_in(params, s.path), qparams, consts)
         total = sum(s.lam * values[s.name] for s in layers)
         return (total if step is None else self.strength(step) * total), values
 
@@ -454,26 +454,28 @@ class Regularization:
 
     def _forward_layers(self) -> list[LayerSpec]:
         """The layers whose family changes the forward pass (dkm, lsq)."""
-        return [s for s in self.layers if type(s.fam).forward is not Family.forward]
+        return [s for s in self.layers if type(s.impl).forward is not Family.forward]
 
     def started(self, step: jax.Array) -> jax.Array:
         """Whether regularization has started at `step` (a bool scalar)."""
         return jnp.asarray(step) >= self.start_step
 
-    def forward(self, params: dict, quant: dict, consts: dict, active=True) -> tuple[dict, dict]:
+    def forward(
+        self, params: dict, qparams: dict, consts: dict, family_forward=True
+    ) -> tuple[dict, dict]:
         """(`params` with each kernel replaced by what its family's forward pass uses,
         `consts` with the values the forward pass carries to the next step): both unchanged
-        for the penalty families, and for every family while `active` (a bool, or a traced
+        for the penalty families, and for every family while `family_forward` (a bool, or a traced
         bool scalar: `started(step)`) is false."""
         for s in self._forward_layers():
-            fam = s.fam
-            v = self._vars(s, quant, consts)
+            fam = s.impl
+            v = self._vars(s, qparams, consts)
             fwd = lambda w, v=v, fam=fam: fam.forward(w, v, self.settings)
-            if active is True:
+            if family_forward is True:
                 w, updates = fwd(get_in(params, s.path))
             else:  # the identity branch returns the carried values unchanged
                 keep = lambda w, v=v, fam=fam: (w, {c: v[c] for c in fam.carries})
-                w, updates = jax.lax.cond(active, fwd, keep, get_in(params, s.path))
+                w, updates = jax.lax.cond(family_forward, fwd, keep, get_in(params, s.path))
             params = set_in(params, s.path, w)
             for suffix, value in updates.items():
                 consts = set_in(consts, s.var_path(suffix), jax.lax.stop_gradient(value))
@@ -510,7 +512,7 @@ class Regularization:
             var = _variable_at(model, s.path)
             saved[s.path] = var.value
             var.value = get_in(params, s.path)
-            for suffix in s.fam.carries:
+            for suffix in s.impl.carries:
                 _variable_at(model, s.var_path(suffix)).value = get_in(consts, s.var_path(suffix))
         try:
             yield model
@@ -519,23 +521,23 @@ class Regularization:
                 _variable_at(model, path).value = value
 
     # ------------------------------------------------------------------ grids and metrics
-    def grid(self, layer: LayerSpec, params: dict, quant: dict, consts: dict) -> jax.Array:
+    def grid(self, layer: LayerSpec, params: dict, qparams: dict, consts: dict) -> jax.Array:
         """The layer's sorted quantization grid, padded with +inf to a fixed length beyond
         its K values: the family's own (static zeros, representatives), or for families
         without one the 1-D k-means centroids of its weights (not padded). `grid_values`
         drops the padding."""
         w = get_in(params, layer.path)
-        if layer.fam.has_grid:
-            v = self._vars(layer, quant, consts)
-            return layer.fam.grid(w, v, self.settings, self.size(layer.name))
+        if layer.impl.has_grid:
+            v = self._vars(layer, qparams, consts)
+            return layer.impl.grid(w, v, self.settings, self.padded_k(layer.name))
         return kmeans_1d(w, layer.k)
 
-    def grid_values(self, layer: LayerSpec, params: dict, quant: dict, consts: dict):
+    def grid_values(self, layer: LayerSpec, params: dict, qparams: dict, consts: dict):
         """The layer's K grid values (host array, sorted): `grid` without its padding."""
-        grid = np.asarray(jax.device_get(self.grid(layer, params, quant, consts)))
+        grid = np.asarray(jax.device_get(self.grid(layer, params, qparams, consts)))
         return grid[np.isfinite(grid)]
 
-    def metrics(self, params: dict, quant: dict, consts: dict) -> dict[str, dict[str, Any]]:
+    def metrics(self, params: dict, qparams: dict, consts: dict) -> dict[str, dict[str, Any]]:
         """Per layer: reg (R_l), live (distinct grid values nearest to >= 1 weight; values
         closer than 1% of the range's spacing count once, so merged representatives show),
         rel_dist (mean |w - nearest grid value| / mean grid spacing) and grid (the values,
@@ -543,15 +545,15 @@ class Regularization:
         out = {}
         for layer in self.layers:
             w = jnp.ravel(get_in(params, layer.path))
-            grid = self.grid(layer, params, quant, consts)
-            if layer.fam.has_grid:
-                v = self._vars(layer, quant, consts)
+            grid = self.grid(layer, params, qparams, consts)
+            if layer.impl.has_grid:
+                v = self._vars(layer, qparams, consts)
                 lo, hi, k = v["range"][0], v["range"][1], v["k"]
             else:
                 lo, hi, k = jnp.min(w), jnp.max(w), layer.k
             stats = _cluster_stats(w, grid, 0.01 * (hi - lo) / (k - 1))
-            if layer.family != "none" and not layer.fam.needs_loss:
-                stats["reg"] = self.layer_value(layer, w, quant, consts)
+            if layer.family != "none" and not layer.impl.needs_loss:
+                stats["reg"] = self.layer_value(layer, w, qparams, consts)
             out[layer.name] = stats
         return out
 
@@ -569,7 +571,8 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     steps since the start, e.g. an optax schedule, that multiplies every layer's lambda). The
     schedule applies where a step is given (``reg.penalty(model, step=)``, the config runs);
     without one the penalty is at full strength. A rule that fully matches no kernel, or an
-    unknown schedule, is an error.
+    unknown schedule, is an error. A config run goes the same way: its ``spec.reg.rules()``
+    and ``spec.reg.settings()`` (`qarjax.spec.RegSpec`) are these rules and settings.
 
     >>> from flax import nnx
     >>> rngs = nnx.Rngs(0)
@@ -586,7 +589,7 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     [0.0, 0.0, 0.5, 1.0, 1.0]
     """
     reg = Regularization.from_rules(model, rules, **settings)
-    reg.attach(model)
+    reg.add_variables(model)
     if start:
         reg.start(model)
     return reg

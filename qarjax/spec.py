@@ -41,7 +41,15 @@ from qarjax.models import check_model
 from qarjax.optim import OPTIMIZERS
 from qarjax.optim import SCHEDULES as LR_SCHEDULES
 from qarjax.quantize import quantizer, resolve
-from qarjax.regularization import MAX_K, SCHEDULES, check_settings, parse_overrides
+from qarjax.regularization import (
+    MAX_K,
+    SCHEDULES,
+    Rule,
+    check_settings,
+    config_rules,
+    override_rules,
+    parse_overrides,
+)
 
 __all__ = [
     "DTYPES", "SCAN_MODES", "DataSpec", "LoopSpec", "ModelSpec", "QuantSpec", "RegSpec",
@@ -138,6 +146,24 @@ class RegSpec:
     eta: float
     reps_step: float
     quant_lr: float
+
+    def rules(self) -> list[Rule]:
+        """The layer rules of this spec, as `qarjax.attach` takes them: include / exclude
+        (searched in the names) selecting with family, k and lam, then the k and lambda
+        overrides (a later full match wins)."""
+        rules = config_rules(self.include, self.exclude, family=self.family, k=self.k, lam=self.lam)
+        return (
+            rules
+            + override_rules(self.k_overrides, "k")
+            + override_rules(self.lam_overrides, "lam")
+        )
+
+    def settings(self) -> Settings:
+        """The settings shared by the layers (what `qarjax.attach`'s keywords build)."""
+        return Settings(
+            self.range_mode, self.given_range, self.init, self.temperature, self.reduction,
+            self.eta, self.dkm_temperature,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ class TrainState:
 
     step: jax.Array
     params: dict
-    quant: dict
+    qparams: dict
     consts: dict
     batch_stats: dict
     opt_state: Any
@@ -39,14 +39,14 @@ class TrainState:
     def trainable(self) -> dict:
         """The weights and quantization params in one model-rooted tree (what the optimizer
         sees: `qarjax.optim.optimizer` routes its leaves by name)."""
-        return merge(self.params, self.quant)
+        return merge(self.params, self.qparams)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Steps:
     """The recipe the step functions close over."""
 
-    model: ModelDef
+    model_def: ModelDef
     tx: optax.GradientTransformation
     dtype: Any
     augmentation: Any  # qarjax.data.Augmentation
@@ -67,19 +67,19 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0) -> jax.Array:
 def loss_fn(s: Steps, trainable, consts, batch_stats, images, labels, step, dropout_key):
     """Cross-entropy + the regularizer; returns (loss, aux). `trainable`: the weights and
     quantization params in one tree (`TrainState.trainable`)."""
-    params = restrict(trainable, s.model.initial["params"])
-    quant = restrict(trainable, s.model.initial["quant"])
-    active = s.model.reg.started(step)
+    params = restrict(trainable, s.model_def.initial["params"])
+    qparams = restrict(trainable, s.model_def.initial["qparams"])
+    family_forward = s.model_def.reg.started(step)
 
     def ce_of(params):
-        logits, new = s.model.apply(
-            params, quant, consts, batch_stats, images, train=True, dropout_key=dropout_key,
-            active=active,
+        logits, new = s.model_def.apply(
+            params, qparams, consts, batch_stats, images, train=True, dropout_key=dropout_key,
+            family_forward=family_forward,
         )  # fmt: skip
         return cross_entropy(logits, labels, s.label_smoothing), (logits, new)
 
     ce, (logits, new) = ce_of(params)
-    penalty, _ = s.model.reg.terms(params, quant, consts, step, lambda p: ce_of(p)[0])
+    penalty, _ = s.model_def.reg.terms(params, qparams, consts, step, lambda p: ce_of(p)[0])
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return ce + penalty, {"ce": ce, "reg": penalty, "correct": correct, **new}
 
@@ -100,7 +100,7 @@ def train_step(s: Steps, state: TrainState, arrays: dict, idx) -> tuple[TrainSta
     new = state.replace(
         step=state.step + 1,
         params=restrict(trainable, state.params),
-        quant=restrict(trainable, state.quant),
+        qparams=restrict(trainable, state.qparams),
         batch_stats=aux["batch_stats"],
         consts=aux["consts"],
         opt_state=opt_state,
@@ -126,17 +126,17 @@ def train_chunk(s: Steps, state: TrainState, arrays: dict, order, chunk):
     return state, sums
 
 
-def evaluate(s: Steps, params, quant, consts, batch_stats, arrays: dict, active):
+def evaluate(s: Steps, params, qparams, consts, batch_stats, arrays: dict, family_forward):
     """(summed test loss, correct predictions, test images) over the padded test split;
-    `active`: whether the families' forward pass applies (see `ModelDef.merge`)."""
+    `family_forward`: whether the families' forward pass applies (see `ModelDef.merge`)."""
     shaped = lambda x: x.reshape(-1, s.eval_batch_size, *x.shape[1:])
 
     def one_batch(batch):
         x, y, m = batch
         x = jax.lax.with_sharding_constraint(x, s.batch_sharding)
         images = prepare(x, arrays, s.dtype)
-        logits, _ = s.model.apply(
-            params, quant, consts, batch_stats, images, train=False, active=active
+        logits, _ = s.model_def.apply(
+            params, qparams, consts, batch_stats, images, train=False, family_forward=family_forward
         )
         loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, logits.shape[-1]))
         return jnp.sum(loss * m), jnp.sum((jnp.argmax(logits, -1) == y) * m)
@@ -146,10 +146,14 @@ def evaluate(s: Steps, params, quant, consts, batch_stats, arrays: dict, active)
     return jnp.sum(losses), jnp.sum(correct), jnp.sum(arrays["test_mask"])
 
 
-def batch_statistics(s: Steps, params, quant, consts, batch_stats, arrays: dict, idx, key, active):
+def batch_statistics(
+    s: Steps, params, qparams, consts, batch_stats, arrays: dict, idx, key, family_forward
+):
     """The batch-norm statistics of the training batch at `idx` under `params`, augmented as
-    in training (`active`: as in `evaluate`)."""
+    in training (`family_forward`: as in `evaluate`)."""
     images = jax.lax.with_sharding_constraint(arrays["train_images"][idx], s.batch_sharding)
     aug_key, dropout_key = jax.random.split(key)
     images = prepare(images, arrays, s.dtype, aug_key, s.augmentation)
-    return s.model.batch_statistics(params, quant, consts, batch_stats, images, dropout_key, active)
+    return s.model_def.batch_statistics(
+        params, qparams, consts, batch_stats, images, dropout_key, family_forward
+    )

@@ -72,7 +72,7 @@ class Trainer:
     """Builds the model, optimizer, regularizer and jitted steps for one run spec and dataset.
 
     Attributes:
-      model: the `ModelDef` (graphdef, `reg`, initial trees); `reg` is also an attribute.
+      model_def: the `ModelDef` (graphdef, `reg`, initial trees); `reg` is also an attribute.
       data: the `DeviceData` (the dataset on the mesh).
       steps: the `qarjax.steps.Steps` recipe the jitted steps close over.
       trace_count: how many times the train chunk was traced (compiled); stays 1 across steps.
@@ -107,8 +107,8 @@ class Trainer:
             raise ConfigError(
                 f"batch_size {train.batch_size} exceeds the {n_train} training images"
             )
-        # XLA:CPU runs convolutions inside a while loop ~30x slower than outside one
-        # (jax-ml/jax#12868, measured here: 7.3 s against 0.26 s per small-CNN step), and on
+        # XLA:CPU runs convolutions inside a while loop many times slower than outside one
+        # (jax-ml/jax#12868; results/design_measurements.md), and on
         # a CPU host round trips cost nothing: so there the steps of a call are unrolled in
         # Python (default 1 per call); on accelerators they run in lax.scan (default 50).
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
@@ -119,13 +119,13 @@ class Trainer:
         self.dtype = spec.model.dtype
         self.augmentation = data_lib.resolve_augmentation(spec.data, dataset)
 
-        self.model = ModelDef.build(spec, dataset, steps=self.step_counts)
-        self.reg = self.model.reg
+        self.model_def = ModelDef.build(spec, dataset, steps=self.step_counts)
+        self.reg = self.model_def.reg
         self.tx = tx or make_optimizer(spec, self.reg, self.step_counts)
         self.replicated = NamedSharding(self.mesh, P())
         self.data = DeviceData(dataset, self.mesh, train.eval_batch_size)
         self.steps = steps_lib.Steps(
-            model=self.model,
+            model_def=self.model_def,
             tx=self.tx,
             dtype=self.dtype,
             augmentation=self.augmentation,
@@ -152,7 +152,7 @@ class Trainer:
         )
         self._reg_metrics = jax.jit(self.reg.metrics)
         # One compiled init instead of an eager op per leaf (the codebook optimizer's init
-        # reads every kernel's codewords: 12 s eager for VGG16 on a CPU)
+        # reads every kernel's codewords, one eager op per leaf)
         self._init_opt = jax.jit(self.tx.init)
 
     def _counted_chunk(self, state, arrays, order, chunk):
@@ -163,24 +163,24 @@ class Trainer:
     @property
     def initial_params(self) -> dict:
         """The model's freshly initialized weights (host arrays; names and shapes)."""
-        return self.model.initial["params"]
+        return self.model_def.initial["params"]
 
     @property
     def initial_batch_stats(self) -> dict:
-        return self.model.initial["batch_stats"]
+        return self.model_def.initial["batch_stats"]
 
     def init_state(self, params: dict | None = None, batch_stats: dict | None = None) -> TrainState:
         """The initial train state (or one starting from `params`), replicated over the mesh."""
-        initial = self.model.initial
+        initial = self.model_def.initial
         params = jax.device_get(initial["params"] if params is None else params)
         stats = initial["batch_stats"] if batch_stats is None else batch_stats
         state = TrainState(
             step=np.int32(0),
             params=params,
-            quant=initial["quant"],
+            qparams=initial["qparams"],
             consts=initial["consts"],
             batch_stats=jax.device_get(stats),
-            opt_state=self._init_opt(merge(params, initial["quant"])),
+            opt_state=self._init_opt(merge(params, initial["qparams"])),
             rng=np.asarray(jax.random.key_data(jax.random.key(self.spec.seed))),
         )
         return put_replicated(state, self.mesh)
@@ -192,12 +192,12 @@ class Trainer:
         `ks`: K per layer (`self.reg.ks_for(spec.reg)`; default: this trainer's spec).
         The train step reads K as data, so another K compiles nothing new.
         """
-        if not self.reg.active:
+        if not self.reg.any_regularized:
             return state
-        quant, consts = self.reg.initialize(state.params, state.quant, state.consts, ks)
-        trainable = merge(state.params, quant)
+        qparams, consts = self.reg.initialize(state.params, state.qparams, state.consts, ks)
+        trainable = merge(state.params, qparams)
         opt_state = reset_quant_state(self.tx, state.opt_state, trainable, self._init_opt)
-        new = state.replace(quant=quant, consts=consts, opt_state=opt_state)
+        new = state.replace(qparams=qparams, consts=consts, opt_state=opt_state)
         return jax.device_put(new, self.replicated)
 
     def compiled_memory(self, state: TrainState) -> dict[str, int]:
@@ -253,7 +253,7 @@ class Trainer:
         mode (augmentation and dropout as in training)."""
         idx = jnp.asarray(indices, jnp.int32)
         return self._batch_statistics(
-            params, state.quant, state.consts, state.batch_stats, self.data.arrays, idx, key,
+            params, state.qparams, state.consts, state.batch_stats, self.data.arrays, idx, key,
             jnp.bool_(False),
         )  # fmt: skip
 
@@ -267,12 +267,17 @@ class Trainer:
         has started (DKM's soft reconstruction, LSQ's fake quantization: the model as it
         trains); `params` given (quantized) run as they are. `data`: a `device_data(...)` to
         evaluate on instead of this trainer's test split (compiles once per its shape)."""
-        active = self.reg.started(state.step) if params is None else jnp.bool_(False)
+        family_forward = self.reg.started(state.step) if params is None else jnp.bool_(False)
         params = state.params if params is None else params
         batch_stats = state.batch_stats if batch_stats is None else batch_stats
         loss, correct, n = jax.device_get(
             self._evaluate(
-                params, state.quant, state.consts, batch_stats, (data or self.data).arrays, active
+                params,
+                state.qparams,
+                state.consts,
+                batch_stats,
+                (data or self.data).arrays,
+                family_forward,
             )
         )
         return {"loss": float(loss / n), "accuracy": float(correct / n)}
@@ -283,4 +288,4 @@ class Trainer:
 
     def regularizer_metrics(self, state: TrainState) -> dict:
         """Per-layer clustering metrics (see Regularization.metrics), as host values."""
-        return jax.device_get(self._reg_metrics(state.params, state.quant, state.consts))
+        return jax.device_get(self._reg_metrics(state.params, state.qparams, state.consts))

@@ -2,12 +2,11 @@
 
 XLA:CPU (jaxlib 0.10) hands convolutions, matrix products, elementwise ops and reductions to
 the YNNPACK library. Keeping YNNPACK for reductions only, with convolutions back on XLA's
-Eigen path, made the train step 1.2-1.3x faster on every model qarjax ships, measured on a
-2-core AMD EPYC (Zen 4) with experiments/bench_step.py: cnn_small 60 -> 50 ms, resnet20
-760 -> 640 ms, vgg16 at width 1/4 335 -> 254 ms per batch of 128. The profile says why: with
+Eigen path, made the train step faster on every model qarjax ships (experiments/bench_step.py;
+the figures: results/design_measurements.md). The profile says why: with
 YNNPACK's convolutions, XLA fuses the recomputed batch-norm/ReLU chain of a whole residual
 stage into the transposes that feed each weight-gradient convolution, which then run with
-strided memory access (one such transpose took 60-90 ms of ResNet-20's step); YNNPACK's
+strided memory access; YNNPACK's
 elementwise fusions avoid that but split batch norm into one memory pass per op (worse for
 the small CNN). The table of every option tried is in README.md ("Speed on a CPU").
 

@@ -68,7 +68,7 @@ def test_a_familys_grid_is_sorted_and_padded_beyond_k(name):
         tree = as_tree(model)
         for layer in reg.layers:
             grid = np.asarray(reg.grid(layer, tree, tree, tree))
-            assert grid.shape == (reg.size(layer.name),)
+            assert grid.shape == (reg.padded_k(layer.name),)
             assert np.all(np.isfinite(grid[:k])) and np.all(np.diff(grid[:k]) >= 0)
             assert np.all(np.isposinf(grid[k:]))
             assert len(reg.grid_values(layer, tree, tree, tree)) == k
@@ -84,7 +84,7 @@ def test_one_compiled_step_serves_every_k(name):
         traces.append(1)
         params, consts = reg.forward(tree, tree, tree)
         total, _ = reg.terms(params, tree, consts, step=jnp.int32(0), ce_of_params=_loss_of_params)
-        grids = [reg.grid(s, tree, tree, tree) for s in reg.layers if s.fam.has_grid]
+        grids = [reg.grid(s, tree, tree, tree) for s in reg.layers if s.impl.has_grid]
         return total, grids
 
     for k in (2, 3, K_MAX):
@@ -101,7 +101,7 @@ def test_a_familys_quantized_model_has_at_most_k_values_and_round_trips(name, tm
     for layer in reg.layers:
         w = np.asarray(get_in(q.params, layer.path))
         assert np.unique(w).size <= 3 and q.layers[layer.name].k == 3
-        if layer.fam.has_grid:  # quantized to its own grid
+        if layer.impl.has_grid:  # quantized to its own grid
             np.testing.assert_allclose(
                 np.sort(q.layers[layer.name].codebook),
                 np.sort(reg.grid_values(layer, tree, tree, tree)),

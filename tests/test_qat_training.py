@@ -20,7 +20,7 @@ from qarjax.trees import get_in
 def _carried(trainer, state, family):
     """The per-layer variable the family changes while it trains: LSQ's step (trained),
     DKM's centroids (solved in the forward pass and carried)."""
-    suffix, tree = {"lsq": ("step", state.quant), "dkm": ("centroids", state.consts)}[family]
+    suffix, tree = {"lsq": ("step", state.qparams), "dkm": ("centroids", state.consts)}[family]
     return {s.name: np.asarray(get_in(tree, s.var_path(suffix))) for s in trainer.reg.layers}
 
 

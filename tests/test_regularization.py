@@ -1,6 +1,8 @@
 """Per-layer regularization: layer selection, representatives in the NNX state, schedules,
 config validation, and the end-to-end effect (weights cluster)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,6 +11,7 @@ import pytest
 from conftest import make_dataset
 from flax import nnx
 
+import qarjax as qj
 from qarjax import regularizers as R
 from qarjax.config import default_config, default_reg_config
 from qarjax.errors import ConfigError
@@ -58,6 +61,27 @@ def test_selects_kernels_with_overrides():
     }
 
 
+def test_a_configs_rules_through_attach_build_the_same_regularization():
+    """qj.attach takes the rules and settings a config's RegSpec yields, and builds the same
+    layers, K, lambda and settings as the config run."""
+    config = default_config()
+    config.reg = _reg(
+        family="softmin", k=4, lam=0.3, exclude="fc2", k_overrides="conv2/.*=8",
+        lam_overrides="fc1/kernel=0.05", range_mode="symmetric", temperature=0.05,
+    )  # fmt: skip
+    spec = build(config).reg
+    model = create_model("cnn_small", num_classes=10)
+    ours = Regularization.from_spec(spec, _params(model))
+    theirs = qj.attach(model, spec.rules(), start=False, **dataclasses.asdict(spec.settings()))
+    assert theirs.layers == ours.layers and theirs.settings == ours.settings
+    assert [(s.name, s.k, s.lam) for s in ours.layers] == [
+        ("conv1/conv/kernel", 4, 0.3),
+        ("conv2/conv/kernel", 8, 0.3),
+        ("conv3/conv/kernel", 4, 0.3),
+        ("fc1/kernel", 4, 0.05),
+    ]
+
+
 def test_overrides_full_match_and_a_rule_that_matches_nothing_is_refused():
     params = {"features": {str(i): {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}} for i in range(13)}}
     reg = _from_config(
@@ -85,11 +109,11 @@ def test_a_regularizer_that_would_never_start_is_refused():
 def test_representatives_live_in_the_model_state_with_their_own_type():
     model = create_model("cnn_small", num_classes=10)
     reg = _from_config(_reg(family="softmin", k=8, exclude="fc"), _params(model), steps_per_epoch=1)
-    reg.attach(model)
+    reg.add_variables(model)
     assert isinstance(model.conv1.conv.kernel_reps, Representatives)
-    quant = nnx.to_pure_dict(nnx.state(model, QuantParam))
-    assert sorted(quant) == ["conv1", "conv2", "conv3"]
-    assert quant["conv2"]["conv"]["kernel_reps"].shape == (8,)
+    qparams = nnx.to_pure_dict(nnx.state(model, QuantParam))
+    assert sorted(qparams) == ["conv1", "conv2", "conv3"]
+    assert qparams["conv2"]["conv"]["kernel_reps"].shape == (8,)
     # Not nnx.Param: a plain nnx.Optimizer(wrt=nnx.Param) or nnx.grad leaves them alone.
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     assert "kernel_reps" not in params["conv3"]["conv"]
@@ -101,10 +125,10 @@ def test_initialization_strategies(init):
     reg = _from_config(
         _reg(family="nearest", k=4, init=init, include="fc1"), _params(model), steps_per_epoch=1
     )
-    reg.attach(model)
-    _, quant, params, consts = nnx.split(model, QuantParam, nnx.Param, nnx.Variable)
-    quant, consts = reg.initialize(nnx.to_pure_dict(params), nnx.to_pure_dict(quant), {})
-    reps = np.asarray(quant["fc1"]["kernel_reps"])
+    reg.add_variables(model)
+    _, qparams, params, consts = nnx.split(model, QuantParam, nnx.Param, nnx.Variable)
+    qparams, consts = reg.initialize(nnx.to_pure_dict(params), nnx.to_pure_dict(qparams), {})
+    reps = np.asarray(qparams["fc1"]["kernel_reps"])
     w = np.asarray(model.fc1.kernel.value).ravel()
     lo, hi = np.quantile(w, [0.001, 0.999])
     np.testing.assert_allclose(consts["fc1"]["kernel_range"], [lo, hi], rtol=1e-4)
@@ -153,11 +177,11 @@ def test_penalty_is_lambda_times_sum_of_layer_terms():
         _params(model),
         steps_per_epoch=1,
     )
-    reg.attach(model)
-    _, quant, params, consts = nnx.split(model, QuantParam, nnx.Param, nnx.Variable)
-    params, quant = nnx.to_pure_dict(params), nnx.to_pure_dict(quant)
-    quant, consts = reg.initialize(params, quant, nnx.to_pure_dict(consts))
-    total, values = reg.terms(params, quant, consts, jnp.int32(5))
+    reg.add_variables(model)
+    _, qparams, params, consts = nnx.split(model, QuantParam, nnx.Param, nnx.Variable)
+    params, qparams = nnx.to_pure_dict(params), nnx.to_pure_dict(qparams)
+    qparams, consts = reg.initialize(params, qparams, nnx.to_pure_dict(consts))
+    total, values = reg.terms(params, qparams, consts, jnp.int32(5))
     expected = sum(values[s.name] * (2.0 if s.name == "fc2/kernel" else 0.3) for s in reg.layers)
     assert float(total) == pytest.approx(float(expected), rel=1e-6)
 
@@ -191,15 +215,15 @@ def test_training_with_a_regularizer_clusters_the_weights(tiny_config, family):
 
 
 def _dynamic_layer(family, w, reps, rng=(-1.0, 1.0), k=None):
-    """A Regularization of one (n,) 'kernel' plus its quant/consts trees."""
+    """A Regularization of one (n,) 'kernel' plus its qparams/consts trees."""
     params = {"layer": {"kernel": jnp.asarray(w, jnp.float32).reshape(-1, 1)}}
     reg = _from_config(
         _reg(family=family, k=len(reps), include="layer/kernel"), params, steps_per_epoch=1
     )
-    quant = {"layer": {"kernel_reps": jnp.asarray(reps, jnp.float32)}}
+    qparams = {"layer": {"kernel_reps": jnp.asarray(reps, jnp.float32)}}
     consts = {"layer": {"kernel_range": jnp.asarray(rng, jnp.float32),
                         "kernel_k": jnp.int32(k or len(reps))}}  # fmt: skip
-    return reg, params, quant, consts
+    return reg, params, qparams, consts
 
 
 def test_softmin_k2_keeps_its_representatives_apart_when_the_weights_shrink():
@@ -209,7 +233,7 @@ def test_softmin_k2_keeps_its_representatives_apart_when_the_weights_shrink():
     # spacing it stays below it.
     rng = np.random.default_rng(0)
     w = np.concatenate([rng.normal(-0.15, 0.01, 500), rng.normal(0.15, 0.01, 500)])
-    reg, params, quant, consts = _dynamic_layer("softmin", w, [-0.1, 0.1])
+    reg, params, qparams, consts = _dynamic_layer("softmin", w, [-0.1, 0.1])
     layer = reg.layers[0]
 
     def descend(value_of_reps):
@@ -228,7 +252,7 @@ def test_softmin_k2_keeps_its_representatives_apart_when_the_weights_shrink():
 
 def test_live_metric_counts_merged_representatives_once():
     w = np.linspace(-1, 1, 101)
-    reg, params, quant, consts = _dynamic_layer("nearest", w, [-0.5, 0.5])
+    reg, params, qparams, consts = _dynamic_layer("nearest", w, [-0.5, 0.5])
     live = lambda reps: int(reg.metrics(params, {"layer": {"kernel_reps": jnp.asarray(reps)}},
                                         consts)["layer/kernel"]["live"])  # fmt: skip
     assert live([-0.5, 0.5]) == 2

@@ -47,7 +47,7 @@ def test_one_compiled_step_serves_every_k_of_a_family(family, tiny_config, tmp_p
         result = fit(tiny_config, tmp_path / f"k{k}", trainer=trainer)
         layer = trainer.reg.layers[0]
         s = result.state
-        grids[k] = trainer.reg.grid_values(layer, s.params, s.quant, s.consts)
+        grids[k] = trainer.reg.grid_values(layer, s.params, s.qparams, s.consts)
         metrics = trainer.regularizer_metrics(s)[layer.name]
         assert 1 <= metrics["live"] <= k
     assert trainer.trace_count == 1
@@ -79,7 +79,7 @@ def test_a_branched_run_equals_the_run_from_scratch(tiny_config, tmp_path):
     branched = fit(tiny_config, tmp_path / "branched", dataset=dataset)
     assert branched.summary["steps"] == scratch.summary["steps"]
     _leaves_close(branched.state.params, scratch.state.params)
-    _leaves_close(branched.state.quant, scratch.state.quant)
+    _leaves_close(branched.state.qparams, scratch.state.qparams)
     assert branched.summary["test_accuracy"] == pytest.approx(scratch.summary["test_accuracy"])
 
     tiny_config.branch_epoch = 1  # the plain run kept epochs 2 (keep_period) and 3 (latest)

@@ -67,7 +67,7 @@ def test_resume_repeats_the_uninterrupted_run(tiny_config, tmp_path, family):
     assert not (tmp_path / "split" / "summary.json").exists()
     resumed = fit(tiny_config, tmp_path / "split", dataset=dataset, resume=True)
     _assert_trees_close(whole.state.params, resumed.state.params, rtol=1e-6, atol=1e-7)
-    _assert_trees_close(whole.state.quant, resumed.state.quant, rtol=1e-6, atol=1e-7)
+    _assert_trees_close(whole.state.qparams, resumed.state.qparams, rtol=1e-6, atol=1e-7)
     _assert_trees_close(whole.state.consts, resumed.state.consts, rtol=1e-6, atol=1e-7)
     assert resumed.summary["test_accuracy"] == whole.summary["test_accuracy"]
     epochs = [r["epoch"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")]
@@ -171,7 +171,7 @@ def test_regularization_can_start_from_a_plain_pretrained_run(tiny_config, tmp_p
     )  # fmt: skip
     _assert_trees_close(params, plain.state.params, rtol=0, atol=0)
     tuned = fit(tiny_config, tmp_path / "reg", dataset=dataset)
-    assert "kernel_reps" in tuned.state.quant["fc1"]
+    assert "kernel_reps" in tuned.state.qparams["fc1"]
     tiny_config.init_from = str(tmp_path / "nowhere")
     with pytest.raises(QarjaxError, match="init_from: no checkpoints"):
         fit(tiny_config, tmp_path / "reg2", dataset=dataset)

@@ -75,9 +75,8 @@ class Family:
     suffixes: ClassVar[tuple[str, ...]] = ()  # the names of the variables it adds
     carries: ClassVar[tuple[str, ...]] = ()  # non-trained suffixes `forward` returns anew
     # For sweeps (experiments/cifar10_study.py): lambda in place of the config's (None: the
-    # config's), and the train step's time over the plain step's, measured on the 2-core CPU
-    # with cnn_small (experiments/bench_regularizers.py: the paper's families 1.02-1.16 at
-    # K <= 32, linf 1.02, gradient_l1 3.79; dkm 1.23-1.33 and lsq 1.16-1.18 at K = 4-16).
+    # config's), and the train step's time over the plain step's (experiments/
+    # bench_regularizers.py; the figures: results/design_measurements.md).
     baseline_lambda: ClassVar[float | None] = None
     step_factor: ClassVar[float] = 1.1
 

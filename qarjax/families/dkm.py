@@ -23,11 +23,10 @@ Padding: the layer machinery pads each layer's centroids to k_max with a boolean
 attention (its logit is -inf), never moves and never attracts a weight.
 
 Memory: the attention is an (n, K) array (4 n K bytes in float32). Reverse mode through
-max_iter steps keeps about three (n, K) arrays per step: XLA's temporary buffers for the
-gradient of n = 200,000 weights at K = 16, max_iter = 5 were 226 MB (about 18 n K floats;
-a 2.36M-weight VGG16 kernel would need about 2.7 GB). ``remat=True`` (the default) wraps each
-step in jax.checkpoint and recomputes it in the backward pass: 72 MB there, and faster on a
-CPU too (0.38 s against 0.59 s; 2-core shared CPU box).
+max_iter steps keeps about three (n, K) arrays per step (about 18 n K floats at max_iter =
+5). ``remat=True`` (the default) wraps each step in jax.checkpoint and recomputes it in the
+backward pass: about a third of that memory, and no slower on a CPU
+(results/design_measurements.md).
 
 The public functions are jitted (static: distance, max_iter, remat) and can be called inside
 a jitted train step. Formulas and choices: docs/regularizers.md, "Quantization-aware training

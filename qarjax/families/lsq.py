@@ -19,7 +19,7 @@ least-squares scale of sign(v)).
 The STE is the paper's roundpass (`round_ste`: stop_gradient(round(x)) - stop_gradient(x) + x,
 whose value is exactly round(x)). The gradient scale is a jax.custom_jvp rule (`scale_grad`),
 not the paper's gradscale (s.detach() - (g s).detach() + g s): that has the same gradient but
-its value (s - g s) + g s misses s by an ulp for 0.01% to 1.5% of steps (measured in float32),
+its value (s - g s) + g s misses s by an ulp in some float32 steps (results/design_measurements.md),
 so the trained levels would not be those of `grid`(s). The forward output here is bit for bit
 `hard_quantize`. K may be a traced integer (one compiled step for every K).
 

@@ -1,9 +1,8 @@
 """A small CNN for CPU demos and tests (0.15M parameters on 32x32 images).
 
 conv 16@3x3 + BN, pool, conv 32@3x3 + BN, pool, conv 64@3x3 + BN, pool, dense 128, dense
-num_classes. The widths were measured on cifar10_mini, 8 epochs on a 2-core CPU: 16-32-64
-reached 57.2% test accuracy at 1,008 img/s, 24-48-96 58.9% at 793 img/s, 32-64-128 about
-510 img/s: the narrow one keeps the demo fast for nearly the same accuracy.
+num_classes. The narrowest of the widths measured on cifar10_mini keeps the demo fast for
+nearly the same accuracy (results/design_measurements.md).
 """
 
 import jax

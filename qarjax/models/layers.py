@@ -11,8 +11,8 @@ def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
 
     Written as a reshape and a max over the window axes rather than `lax.reduce_window`: the
     forward pass is the same, and the gradient becomes an elementwise compare-and-select
-    instead of XLA's `select_and_scatter`, which on a CPU cost 40% of the small CNN's train
-    step (0.103 -> 0.061 s at batch 128, results/bench_step_cpu.json). A tie inside a window
+    instead of XLA's `select_and_scatter`, which on a CPU was a large share of the small CNN's
+    train step (results/design_measurements.md). A tie inside a window
     shares the gradient equally where `select_and_scatter` gives it to the first; after a
     ReLU the only ties are zeros, whose gradient the ReLU stops anyway.
 
