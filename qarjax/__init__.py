@@ -18,6 +18,7 @@ model is stored in about log2(K) bits per weight. The public API, on any Flax NN
   register_family     add a regularizer family (a `qarjax.families.Family` subclass)
   register_quantizer  add a post-training quantizer (a codebook function of a layer's weights)
   register_model      add a model class for configs and the command line
+  QarjaxError         what every refusal raises (one sentence naming the problem)
 
 The math: docs/regularizers.md. The command line, configs and the CIFAR-10 study: README.md.
 """
@@ -28,6 +29,7 @@ xla_defaults.install_env_defaults()  # before JAX starts its CPU backend, where 
 
 from qarjax.compress import load_model as load  # noqa: E402
 from qarjax.compress import save_model as save  # noqa: E402
+from qarjax.errors import QarjaxError  # noqa: E402
 from qarjax.families import Family  # noqa: E402
 from qarjax.families import register as register_family  # noqa: E402
 from qarjax.models import register_model  # noqa: E402
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TRAINABLE",
     "Family",
+    "QarjaxError",
     "QuantParam",
     "QuantizedModel",
     "Regularization",

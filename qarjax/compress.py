@@ -54,6 +54,7 @@ import safetensors.numpy
 
 from qarjax.bitpack import pack_bits, packed_size, padding_is_zero, unpack_bits
 from qarjax.errors import ArtifactError
+from qarjax.files import write_atomic
 from qarjax.metrics import to_python
 from qarjax.quantize import QuantizedLayer, QuantizedModel
 from qarjax.trees import Path as KeyPath
@@ -205,10 +206,7 @@ def save(
     if header.count(token) != 1:  # the metadata is JSON-escaped, so this is the key's value
         raise RuntimeError("cannot place the checksum in the safetensors header")
     blob[8 : 8 + n] = header.replace(token, _SHA_TOKEN % digest.encode())
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    write_atomic(path, bytes(blob), "model file")
     return len(blob)
 
 
@@ -528,6 +526,11 @@ def size_report(params: dict, layers: dict[str, QuantizedLayer], file_bytes: int
 
 def save_model(path: str | Path, q: QuantizedModel) -> int:
     """Writes a `QuantizedModel` to `path` atomically; returns the file's size in bytes."""
+    if not isinstance(q, QuantizedModel):
+        raise ArtifactError(
+            f"save(path, q): q is a QuantizedModel (what qj.quantize or qj.tune returns), got "
+            f"{type(q).__name__}"
+        )
     return save(
         path,
         config=q.config,

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarjax.errors import ConfigError, DataError, short
+from qarjax.errors import ConfigError, DataError, QarjaxError, short
+from qarjax.files import write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes decoded as one channel
@@ -367,19 +368,23 @@ def _cache_path(path: Path, cache_dir: str | None) -> Path | None:
 
 
 def _write_cache(cache_file: Path, d: Dataset) -> None:
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
+    """Best effort: a cache that cannot be written (a full disk, a read-only place) is none."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
+            np.savez(
+                f,
+                train_images=d.train_images,
+                train_labels=d.train_labels,
+                test_images=d.test_images,
+                test_labels=d.test_labels,
+                class_names=np.asarray(d.class_names),
+            )
+
     try:
-        np.savez(
-            tmp,
-            train_images=d.train_images,
-            train_labels=d.train_labels,
-            test_images=d.test_images,
-            test_labels=d.test_labels,
-            class_names=np.asarray(d.class_names),
-        )
-        os.replace(tmp, cache_file)  # Atomic: readers see the old file or the whole new one.
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        write_atomic(cache_file, write, "dataset cache")
+    except QarjaxError:
+        pass
 
 
 # ----------------------------------------------------------------------------- tfds

@@ -37,8 +37,8 @@ def check(condition: bool, message: str, kind: type[QarjaxError] = ConfigError) 
 
 
 def short(value, limit: int = 60) -> str:
-    """`value`'s repr, cut to `limit` characters for a one-line message."""
-    text = repr(value)
+    """`value`'s repr on one line, cut to `limit` characters for a one-line message."""
+    text = " ".join(repr(value)[: 4 * limit].split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -28,7 +28,8 @@ from qarjax import spec as spec_lib
 from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
 from qarjax.data import Dataset
 from qarjax.errors import ConfigError, QarjaxError, short
-from qarjax.metrics import MetricsWriter, to_python
+from qarjax.files import write_atomic, write_json_atomic
+from qarjax.metrics import MetricsWriter
 from qarjax.spec import RunSpec, as_spec
 from qarjax.train import Trainer, TrainState
 
@@ -167,21 +168,6 @@ def check_trainer_fits(trainer_spec: RunSpec, spec: RunSpec) -> None:
         )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename: a reader sees the old
-    file or the new one, never a part; the temporary file is removed on failure."""
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    write_text_atomic(path, json.dumps(to_python(payload), indent=2) + "\n")
-
-
 @dataclasses.dataclass
 class FitResult:
     """What `fit` returns: the summary written to summary.json, the final state, the trainer."""
@@ -282,7 +268,7 @@ def fit(
     main_process = jax.process_index() == 0
     if main_process:
         prepare_workdir(workdir, resume=resume, overwrite=overwrite, clear=True)
-        write_text_atomic(workdir / "config.json", spec.config_json(indent=2) + "\n")
+        write_atomic(workdir / "config.json", spec.config_json(indent=2) + "\n")
     checkpoints = checkpoints or open_checkpoints()
     writer = MetricsWriter(workdir, enabled=main_process, tensorboard=loop.tensorboard)
     writer.truncate_after(start_epoch)

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qarjax.errors import ConfigError
+from qarjax.errors import ConfigError, is_number, short
+from qarjax.regularization import Regularization
 from qarjax.trees import as_tree, is_variable, name_map
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
@@ -180,6 +181,20 @@ def optimizer(
       pull_momentum: the decoupled pull's momentum: with the same lambda and learning rate it
         pulls as SGD with this momentum pulls on a penalty in the loss.
     """
+    if not isinstance(reg, Regularization):
+        raise ConfigError(
+            f"optimizer(tx, reg): reg is the model's Regularization (what qj.attach returns), "
+            f"got {short(reg)}"
+        )
+    for name, value in (("reps_step", reps_step), ("scalars_lr", scalars_lr)):
+        if not (is_number(value) and value > 0):
+            raise ConfigError(f"optimizer: {name} must be > 0 and finite, got {short(value)}")
+    if decoupled is not None and not callable(decoupled):
+        if not (is_number(decoupled) and decoupled > 0):
+            raise ConfigError(
+                "optimizer: decoupled is None or the pull's learning rate (> 0 and finite, or "
+                f"an optax schedule), got {short(decoupled)}"
+            )
     names = reg.variable_labels()
 
     def labels(tree):

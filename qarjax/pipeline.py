@@ -23,13 +23,13 @@ from qarjax import compress
 from qarjax.checkpoint import Checkpointer
 from qarjax.data import split_for_tuning
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
+from qarjax.files import write_json_atomic
 from qarjax.loop import (
     FitResult,
     TrainState,
     check_writable,
     fit,
     restore_latest,
-    write_json_atomic,
 )
 from qarjax.quantize import (
     QuantizedModel,

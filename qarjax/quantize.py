@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Mapping
 
 import jax
@@ -30,13 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qarjax.errors import ArtifactError, ConfigError
+from qarjax.errors import ArtifactError, ConfigError, short
 from qarjax.families import Family, family
 from qarjax.kmeans import assign, kmeans_1d
-from qarjax.regularization import Rule, apply_rules
+from qarjax.regularization import MAX_K, Regularization, Rule, apply_rules
 from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, path_name, set_in
-
-MAX_K = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +196,17 @@ def quantize(
     ...     q.layers["kernel"].codebook.tolist())
     ({'kernel': 4}, True)
     """
+    if reg is not None and not isinstance(reg, Regularization):
+        raise ConfigError(
+            "quantize: reg is the model's Regularization (what qj.attach returns), got "
+            + short(reg)
+        )
+    if not isinstance(include, str):
+        raise ConfigError(f"quantize: include is a regex string, got {short(include)}")
+    try:
+        re.compile(include)
+    except re.error as e:
+        raise ConfigError(f"quantize: bad include regex {include!r}: {e}") from None
     params = as_tree(model, nnx.Param)
     stats = as_tree(model, nnx.BatchStat)
     if reg is not None and k is None:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -146,6 +148,7 @@ class LayerSpec:
     k: int
     lam: float
     family: str = "none"
+    weights: int = 0  # the parameter's size (0: not known), the bound of its padded K
 
     @property
     def name(self) -> str:
@@ -267,13 +270,17 @@ class Regularization:
         """The one construction under `from_rules` and `from_spec` (their inputs checked):
         a layer per parameter the rules select, family ``none`` kept if
         `keep_unregularized`."""
-        specs = []
-        for name, (path, fields) in apply_rules(params, rules).items():
+        specs, tree = [], as_tree(params, nnx.Param)
+        for name, (path, fields) in apply_rules(tree, rules).items():
             if fields["family"] == "none" and not keep_unregularized:
                 continue
             if fields.get("k") is None:
                 raise ConfigError(f"the rules regularizing {name} give it no k")
-            specs.append(LayerSpec(path, fields["k"], fields.get("lam", 0.1), fields["family"]))
+            n = int(np.size(get_in(tree, path)))
+            if fields["family"] != "none" and fields["k"] > n:
+                raise ConfigError(f"k={fields['k']} for {name} exceeds its {n} weights")
+            lam = fields.get("lam", 0.1)
+            specs.append(LayerSpec(path, fields["k"], lam, fields["family"], weights=n))
         return cls(
             tuple(specs),
             k_max=max([k_max, *(s.k for s in specs)]),
@@ -329,8 +336,10 @@ class Regularization:
         return ks
 
     def padded_k(self, name: str) -> int:
-        """The padded length of a layer's representatives / grid (>= every K it can take)."""
-        return max(self.k_max, next(s.k for s in self.layers if s.name == name))
+        """The padded length of a layer's representatives / grid (>= every K it can take):
+        k_max, but never more than the layer's weights (more levels than weights is no K)."""
+        layer = next(s for s in self.layers if s.name == name)
+        return max(layer.k, min(self.k_max, layer.weights or self.k_max))
 
     def add_variables(self, model: nnx.Module) -> None:
         """Adds each layer's variables to the module that owns its kernel (placeholders until
@@ -340,6 +349,11 @@ class Regularization:
                 continue
             owner = _module_at(model, layer.path[:-1])
             leaf = layer.path[-1]
+            if hasattr(owner, f"{leaf}_range"):
+                raise ConfigError(
+                    f"{layer.name} is regularized already: attach once per model (one "
+                    "Regularization, with as many rules as it needs)"
+                )
             setattr(owner, f"{leaf}_range", GridRange(jnp.array([-1.0, 1.0], jnp.float32)))
             for suffix, variable in layer.impl.variables(self.padded_k(layer.name)).items():
                 setattr(owner, f"{leaf}_{suffix}", variable)
@@ -405,10 +419,16 @@ class Regularization:
 
     def _vars(self, layer: LayerSpec, qparams: dict, consts: dict) -> dict[str, jax.Array]:
         trainable = layer.impl.labels()
-        suffixes = ("range", *layer.impl.suffixes)
-        return {
-            s: get_in(qparams if s in trainable else consts, layer.var_path(s)) for s in suffixes
-        }
+        out = {}
+        for s in ("range", *layer.impl.suffixes):
+            try:
+                out[s] = get_in(qparams if s in trainable else consts, layer.var_path(s))
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise ConfigError(
+                    f"the model has no {path_name(layer.var_path(s))}: this Regularization "
+                    "was never attached to it (qj.attach(model, rules) adds its variables)"
+                ) from None
+        return out
 
     def layer_value(self, layer: LayerSpec, w: jax.Array, qparams: dict, consts: dict) -> jax.Array:
         """The unweighted R_l of one layer."""
@@ -588,6 +608,13 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     >>> [round(float(reg.strength(t)), 2) for t in (99, 100, 125, 150, 500)]
     [0.0, 0.0, 0.5, 1.0, 1.0]
     """
+    known = [p.name for p in inspect.signature(Regularization.from_rules).parameters.values()
+             if p.kind is p.KEYWORD_ONLY]  # fmt: skip
+    for name in settings:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f": did you mean {close[0]!r}?" if close else f" (the settings: {known})"
+            raise ConfigError(f"unknown attach setting {name!r}{hint}")
     reg = Regularization.from_rules(model, rules, **settings)
     reg.add_variables(model)
     if start:
@@ -641,10 +668,12 @@ def _shown(names) -> str:
 
 def _check_rule(rule: Rule) -> None:
     if not isinstance(rule, Rule):
-        raise TypeError(
+        raise ConfigError(
             f"rules are qj.Rule objects (or one Rule), got {rule!r} "
             f"({type(rule).__name__}): e.g. [qj.Rule(r'.*kernel', family='nearest', k=4)]"
         )
+    if not isinstance(rule.pattern, str):
+        raise ConfigError(f"a rule's pattern is a regex string, got {short(rule.pattern)}")
     try:
         re.compile(rule.pattern)
     except re.error as e:

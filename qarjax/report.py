@@ -89,7 +89,7 @@ def plot_weights(path: Path, params: dict, quantized: dict, title: str, tuned=No
 def write_report(workdir: Path, report: dict, fit_result, quantized: dict, tuned: dict) -> None:
     """report.json, report.md and weights.png (trained weights, the grid they were quantized
     to from `quantized`, and the tuned codebooks from `tuned`)."""
-    from qarjax.loop import write_json_atomic
+    from qarjax.files import write_json_atomic
 
     workdir = Path(workdir)
     title = (

@@ -19,6 +19,7 @@ for quantized weights: forward passes over training batches in train mode, no gr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qarjax.errors import ConfigError
+from qarjax.errors import ConfigError, QarjaxError, is_number, short
 from qarjax.quantize import QuantizedModel, layers_from_params
 from qarjax.trees import as_tree, get_in, set_in
 
@@ -184,6 +185,23 @@ def reestimate_batch_stats(
     return model
 
 
+def _check_takes(loss_fn, model, batch: tuple) -> None:
+    """Refuses a batch that `loss_fn(model, *batch)` cannot take, in one line."""
+    if not callable(loss_fn):
+        raise ConfigError(f"tune: loss_fn is a function of (model, *batch), got {short(loss_fn)}")
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # a builtin or C function: let the call decide
+        return
+    try:
+        signature.bind(model, *batch)
+    except TypeError as e:
+        raise ConfigError(
+            f"tune: loss_fn(model, *batch) does not take a batch of {len(batch)} item(s) "
+            f"({', '.join(type(b).__name__ for b in batch)}): {e}"
+        ) from None
+
+
 def tune(
     model: nnx.Module,
     q: QuantizedModel,
@@ -197,7 +215,7 @@ def tune(
     """Tunes `q`'s codebooks (indices fixed) and the float leftovers on `model`.
 
     Writes `q` into `model`, then for each batch takes one `codebook_adam` step on
-    ``loss_fn(model, *batch)`` (a tuple batch is unpacked; the loss decides train or eval
+    ``loss_fn(model, *batch)`` (a tuple or list batch is unpacked; the loss decides train or eval
     mode, and batch statistics it updates are kept). Returns the tuned `QuantizedModel`;
     `model` holds it too. One compiled step serves every batch of the same shapes.
 
@@ -208,8 +226,10 @@ def tune(
     than the one it was given. Its scores are in the result's metadata (``tune_scores``: step,
     score).
     """
-    if not learning_rate > 0:
-        raise ConfigError(f"tune: learning_rate must be > 0, got {learning_rate}")
+    if not isinstance(q, QuantizedModel):
+        raise ConfigError(f"tune: q is a QuantizedModel (what qj.quantize returns), got {short(q)}")
+    if not (is_number(learning_rate) and learning_rate > 0):
+        raise ConfigError(f"tune: learning_rate must be > 0 and finite, got {short(learning_rate)}")
     if isinstance(score_every, bool) or not isinstance(score_every, int) or score_every < 0:
         raise ConfigError(f"tune: score_every must be a whole number >= 0, got {score_every!r}")
     q.into(model)
@@ -226,9 +246,9 @@ def tune(
             loss = loss_fn(m, *batch)
             return loss, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
 
-        (_, rest), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        (loss, rest), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, opt_state
+        return optax.apply_updates(params, updates), rest, opt_state, jnp.isfinite(loss)
 
     scores, best = [], None
 
@@ -243,11 +263,21 @@ def tune(
     n = 0
     if score is not None:
         keep_if_best(0)
+    finite = jnp.bool_(True)  # every step's loss, checked once at the end (no host wait)
     for n, batch in enumerate(batches, 1):
-        batch = batch if isinstance(batch, tuple) else (batch,)
-        params, rest, opt_state = step(params, rest, opt_state, batch)
+        batch = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
+        if n == 1:
+            _check_takes(loss_fn, model, batch)
+        params, rest, opt_state, ok = step(params, rest, opt_state, batch)
+        finite = finite & ok
         if score is not None and score_every and n % score_every == 0:
             keep_if_best(n)
+    if not bool(finite):
+        q.into(model)
+        raise QarjaxError(
+            "tune: the loss was not finite at some step (a learning rate too large, or NaN "
+            "in the data): the model is left as given"
+        )
     if score is not None:
         if not scores or scores[-1][0] != n:
             keep_if_best(n)

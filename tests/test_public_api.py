@@ -207,15 +207,18 @@ def test_a_lambda_schedule_and_start_step_in_attach():
     full = float(reg.penalty(model))  # no step: full strength
     got = [float(reg.penalty(model, step=t)) for t in (0, 9, 10, 11, 13, 100)]
     np.testing.assert_allclose(got, [0, 0, full / 4, full / 2, full, full], rtol=1e-6)
+    model = MLP(nnx.Rngs(0))  # the same weights again: a model is regularized once
     reg = qj.attach(model, rule, schedule=optax.cosine_decay_schedule(1.0, 20))
     assert float(reg.penalty(model, step=20)) == pytest.approx(0.0, abs=1e-9)
     assert float(reg.penalty(model, step=10)) == pytest.approx(full / 2, rel=1e-5)
     with pytest.raises(ConfigError, match="unknown schedule 'cosine'"):
-        qj.attach(model, rule, schedule="cosine")
+        qj.attach(MLP(nnx.Rngs(0)), rule, schedule="cosine")
     with pytest.raises(ConfigError, match="unknown schedule 'cosine'"):
         dataclasses.replace(reg, schedule="cosine")
     with pytest.raises(ConfigError, match="start_step must be in"):
-        qj.attach(model, rule, start_step=-1)
+        qj.attach(MLP(nnx.Rngs(0)), rule, start_step=-1)
+    with pytest.raises(ConfigError, match="regularized already: attach once per model"):
+        qj.attach(model, rule)
 
 
 def test_the_decoupled_pull_under_adam_is_sgd_momentums_pull_on_the_loss():
@@ -241,7 +244,7 @@ def test_the_decoupled_pull_under_adam_is_sgd_momentums_pull_on_the_loss():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), loss_form, pulled
     )
-    with pytest.raises(TypeError, match=r"rules are qj.Rule objects .*got 'nearest' \(str\)"):
+    with pytest.raises(ConfigError, match=r"rules are qj.Rule objects .*got 'nearest' \(str\)"):
         qj.attach(MLP(nnx.Rngs(0)), "nearest")
     reg = qj.attach(MLP(nnx.Rngs(0)), qj.Rule(r".*kernel", family="nearest", k=4))  # one Rule
     with pytest.raises(ConfigError, match=r"pull_momentum must be in \[0, 1\)"):

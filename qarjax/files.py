@@ -1,0 +1,48 @@
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the whole new one.
+
+Every file qarjax writes into a workdir or a user's path goes through `write_atomic`: the
+content goes to a temporary file beside the target, which is then renamed over it; on any
+failure the temporary file is removed and the error is one line (`QarjaxError`) naming the
+file and the reason (a full disk, a read-only place, a missing folder, a folder in the way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from qarjax.errors import QarjaxError, short
+from qarjax.metrics import to_python
+
+
+def write_atomic(path, content: bytes | str | Callable[[Path], None], what: str = "file") -> None:
+    """Writes `content` (bytes, text, or a function that writes a given path) to `path`.
+
+    `what` names the file in the error (e.g. "model file")."""
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        raise QarjaxError(f"the {what}'s path is a file name, got {short(path)}")
+    path = Path(path)
+    if path.is_dir():
+        raise QarjaxError(f"cannot write the {what} {path}: it is a folder")
+    if not path.parent.is_dir():
+        raise QarjaxError(f"cannot write the {what} {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            tmp.write_bytes(content)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise QarjaxError(f"cannot write the {what} {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path, payload, what: str = "file") -> None:
+    """`payload` as indented JSON (numpy and JAX values made plain), atomically."""
+    write_atomic(path, json.dumps(to_python(payload), indent=2) + "\n", what)
