@@ -169,6 +169,8 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
         if e.name != "get_config":
             raise ConfigError(f"cannot load config {spec}: {_one_line(e)}") from None
         raise ConfigError(f"config {path} defines no get_config()") from None
+    except SystemExit as e:  # the file's own sys.exit(), at import or in get_config
+        raise ConfigError(f"cannot load config {spec}: it called sys.exit({e.code!r})") from None
     except Exception as e:
         # config_flags re-raises a TypeError or ValueError with the traceback as its message.
         wrapped = isinstance(e, TypeError | ValueError) and e.__context__ is not None
@@ -186,6 +188,15 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
         call = "get_config()" if arg is None else f"get_config({arg!r})"
         raise ConfigError(
             f"config {path}: {call} returned {type(config).__name__}, not a ConfigDict"
+        )
+    have = set(flat_keys(config))
+    missing = [k for k in flat_keys(default_config()) if k not in have]
+    missing = [k for k in missing if k.rpartition(".")[0] not in missing]  # a section, once
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(
+            f"config {path} lacks the keys {', '.join(map(repr, missing[:3]))}{more}: build it "
+            "from qarjax.config.default_config() and change what differs"
         )
     return config
 

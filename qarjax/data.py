@@ -47,7 +47,7 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes decoded as one chan
 CHANNELS = (0, 1, 3)  # dataset_channels: as the data has them, gray, RGB
 FLIP_BY_DEFAULT = ("cifar10", "cifar10_mini")  # datasets whose mirror images are valid images
 MINI_ARCHIVE = Path(__file__).parent / "assets" / "cifar10_mini.tar.gz"
-_CACHE_VERSION = "v2"  # v2: grayscale images keep one channel
+_CACHE_VERSION = "v3"  # v2: grayscale images keep one channel; v3: 16-bit gray scaled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,25 +241,50 @@ def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
 def _load_image_folder(path: Path, cache_dir: str | None) -> Dataset:
     if not path.exists():
         raise DataError(f"dataset path does not exist: {path}")
+    if not (path.is_dir() or path.is_file()):  # a FIFO or a device would block or never end
+        raise DataError(f"dataset path {path} is neither a folder nor an archive file")
     cache_file = _cache_path(path, cache_dir)
-    if cache_file is not None and cache_file.exists():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                return Dataset(
-                    name=str(path),
-                    train_images=z["train_images"],
-                    train_labels=z["train_labels"],
-                    test_images=z["test_images"],
-                    test_labels=z["test_labels"],
-                    class_names=tuple(str(c) for c in z["class_names"]),
-                )
-        except Exception:  # A broken cache is rebuilt, never trusted.
-            cache_file.unlink(missing_ok=True)
+    if cache_file is not None and cache_file.is_file():
+        cached = _read_cache(cache_file, path)
+        if cached is not None:
+            return cached
     files = dict(_list_images(path))
     dataset = _decode_splits(path, files)
     if cache_file is not None:
         _write_cache(cache_file, dataset)
     return dataset
+
+
+def _read_cache(cache_file: Path, path: Path) -> Dataset | None:
+    """The cached arrays if they make a well-formed dataset, else None (and the file gone):
+    a broken or crafted cache is rebuilt, never trusted."""
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            d = Dataset(
+                name=str(path),
+                train_images=z["train_images"],
+                train_labels=z["train_labels"],
+                test_images=z["test_images"],
+                test_labels=z["test_labels"],
+                class_names=tuple(str(c) for c in z["class_names"]),
+            )
+        splits = ((d.train_images, d.train_labels), (d.test_images, d.test_labels))
+        shape = d.train_images.shape[1:]
+        ok = len(d.class_names) >= 2 and all(
+            x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == shape and x.shape[-1] in (1, 3)
+            and y.dtype == np.int32 and y.shape == (len(x),) and len(x) > 0
+            and 0 <= y.min() and y.max() < len(d.class_names)
+            for x, y in splits
+        )  # fmt: skip
+        if ok:
+            return d
+    except Exception:  # noqa: BLE001 - any failure to read it means: rebuild
+        pass
+    try:
+        cache_file.unlink()
+    except OSError:
+        pass
+    return None
 
 
 def _list_images(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -298,6 +323,11 @@ def _decode_splits(path: Path, files: dict[str, bytes]) -> Dataset:
             raise DataError(f"{path} has no images under {split}/<class>/")
     _check_no_empty_class_dirs(path)
     class_names = tuple(sorted(by_split["train"]))
+    if len(class_names) < 2:
+        raise DataError(
+            f"{path} has one class under train/ ({class_names[0]}): classification needs two "
+            "or more"
+        )
     unknown = sorted(set(by_split["test"]) - set(class_names))
     if unknown:
         raise DataError(f"{path}: test classes {unknown} have no train images")
@@ -331,9 +361,15 @@ def _decode_one(name: str, data: bytes) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit gray (PNG, TIFF)
+                # PIL's convert("L") clips these at 255; scale the 16-bit range instead
+                wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+                return ((wide * 255 + 32767) // 65535).astype(np.uint8)[..., None]
             if image.mode in GRAY_MODES:
                 return np.asarray(image.convert("L"), dtype=np.uint8)[..., None]
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {name} is refused as too large: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
 

@@ -181,10 +181,25 @@ def state_to_dict(state: TrainState) -> dict:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
+# TrainState fields renamed since checkpoints were first written (issue 20): a run saved
+# under the old name still resumes and still serves as a branch point.
+LEGACY_FIELD_NAMES = {"qparams": "quant"}
+
+
 def restore_latest(checkpoints: Checkpointer, state: TrainState) -> tuple[TrainState, int, float]:
-    """(state, epoch, train_seconds) from the latest checkpoint, restored into `state`'s shape."""
+    """(state, epoch, train_seconds) from the latest checkpoint, restored into `state`'s shape
+    (a checkpoint that names a field as before its rename, `LEGACY_FIELD_NAMES`, too)."""
     payload = {"state": state_to_dict(state), "epoch": 0, "train_seconds": 0.0}
-    restored = checkpoints.restore(payload)
+    try:
+        restored = checkpoints.restore(payload)
+    except QarjaxError as error:
+        old = {LEGACY_FIELD_NAMES.get(k, k): v for k, v in payload["state"].items()}
+        try:
+            restored = checkpoints.restore({**payload, "state": old})
+        except QarjaxError:
+            raise error from None
+        new = {v: k for k, v in LEGACY_FIELD_NAMES.items()}
+        restored["state"] = {new.get(k, k): v for k, v in restored["state"].items()}
     return (
         TrainState(**restored["state"]),
         int(restored["epoch"]),

@@ -590,9 +590,10 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     ``schedule`` ("constant", "warmup": linear over ``warmup_steps``, or a function of the
     steps since the start, e.g. an optax schedule, that multiplies every layer's lambda). The
     schedule applies where a step is given (``reg.penalty(model, step=)``, the config runs);
-    without one the penalty is at full strength. A rule that fully matches no kernel, or an
-    unknown schedule, is an error. A config run goes the same way: its ``spec.reg.rules()``
-    and ``spec.reg.settings()`` (`qarjax.spec.RegSpec`) are these rules and settings.
+    without one the penalty is at full strength. A rule that fully matches no kernel, an
+    unknown schedule or setting, or a second attach to the same model is an error. A config
+    run goes the same way: its ``spec.reg.rules()`` and ``spec.reg.settings()``
+    (`qarjax.spec.RegSpec`) are these rules and settings.
 
     >>> from flax import nnx
     >>> rngs = nnx.Rngs(0)
@@ -604,7 +605,8 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, start: bool = True, **se
     >>> float(reg.penalty(model)) > 0
     True
     >>> import optax
-    >>> reg = attach(model, rules, start_step=100, schedule=optax.linear_schedule(0.0, 1.0, 50))
+    >>> other = nnx.Sequential(nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs))
+    >>> reg = attach(other, rules, start_step=100, schedule=optax.linear_schedule(0.0, 1.0, 50))
     >>> [round(float(reg.strength(t)), 2) for t in (99, 100, 125, 150, 500)]
     [0.0, 0.0, 0.5, 1.0, 1.0]
     """

@@ -57,3 +57,17 @@ def test_check_key_names_the_closest_key(key, closest):
         check_key(default_config(), key)
     if closest:
         assert str(e.value).endswith(f"the closest key is '{closest}'")
+
+
+def test_a_config_lacking_keys_or_exiting_is_one_line(tmp_path):
+    (tmp_path / "partial.py").write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'model': 'cnn_small', 'reg': {'k': 4}})\n"
+    )
+    with pytest.raises(ConfigError, match=r"lacks the keys 'augment', 'batch_size', .* more: "
+                       r"build it from qarjax.config.default_config\(\)") as e:  # fmt: skip
+        load_config(str(tmp_path / "partial.py"))
+    assert "'augment.flip'" not in str(e.value)  # a missing section is named once
+    (tmp_path / "exits.py").write_text("import sys\n\ndef get_config():\n    sys.exit(3)\n")
+    with pytest.raises(ConfigError, match=r"config .*exits.py: it called sys.exit\(3\)"):
+        load_config(str(tmp_path / "exits.py"))

@@ -85,6 +85,65 @@ def test_truncated_archive_is_an_error(tmp_path):
         data.load_dataset(f"imagefolder:{archive}")
 
 
+def test_a_one_class_folder_is_refused(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", classes=1)
+    with pytest.raises(DataError, match=r"one class under train/ \(class0\): .*two or more"):
+        data.load_dataset(f"imagefolder:{folder}")
+
+
+def test_a_decompression_bomb_is_refused_by_name(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs")  # 400 M pixels in a few hundred KB
+    Image.new("1", (20000, 20000)).save(folder / "train" / "class2" / "bomb.png")
+    with pytest.raises(DataError, match=r"image train/class2/bomb.png is refused as too large"):
+        data.load_dataset(f"imagefolder:{folder}")
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")  # opening it for reading would wait for a writer forever
+    with pytest.raises(DataError, match="is neither a folder nor an archive file"):
+        data.load_dataset(f"imagefolder:{tmp_path / 'fifo'}")
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", per_class=(2, 1))
+    wide = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    for f in folder.rglob("*.png"):
+        Image.fromarray(wide).save(f)  # mode I;16, which PIL's convert("L") clips at 255
+    d = data.load_dataset(f"imagefolder:{folder}", cache_dir=str(tmp_path / "cache"))
+    assert d.image_shape == (16, 16, 1)
+    want = np.round(wide.astype(np.float64) * 255 / 65535)
+    np.testing.assert_array_equal(d.train_images[0, ..., 0], want)
+
+
+@pytest.mark.parametrize("how", ["labels beyond the classes", "float images", "not a zip",
+                                 "a folder"])  # fmt: skip
+def test_a_broken_or_crafted_cache_is_rebuilt_never_trusted(tmp_path, how):
+    folder = write_image_folder(tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    first = data.load_dataset(f"imagefolder:{folder}", cache_dir=str(cache))
+    (file,) = cache.glob("*.npz")
+    arrays = dict(np.load(file))
+    file.unlink()
+    if how == "labels beyond the classes":
+        arrays["train_labels"] = arrays["train_labels"] + 99
+    elif how == "float images":
+        arrays["test_images"] = arrays["test_images"].astype(np.float32)
+    if how == "not a zip":
+        file.write_bytes(b"PK\x03\x04 nothing more")
+    elif how == "a folder":
+        file.mkdir()
+    else:
+        with open(file, "wb") as f:
+            np.savez(f, **arrays)
+    again = data.load_dataset(f"imagefolder:{folder}", cache_dir=str(cache))
+    np.testing.assert_array_equal(again.train_labels, first.train_labels)
+    np.testing.assert_array_equal(again.test_images, first.test_images)
+    if how != "a folder":  # rewritten from the images
+        np.testing.assert_array_equal(np.load(file)["train_labels"], first.train_labels)
+
+
 def test_tfds_without_tensorflow_says_how_to_install(monkeypatch):
     import builtins
 

@@ -175,3 +175,22 @@ def test_regularization_can_start_from_a_plain_pretrained_run(tiny_config, tmp_p
     tiny_config.init_from = str(tmp_path / "nowhere")
     with pytest.raises(QarjaxError, match="init_from: no checkpoints"):
         fit(tiny_config, tmp_path / "reg2", dataset=dataset)
+
+
+def test_a_checkpoint_from_before_a_field_rename_still_restores(tiny_config, tmp_path):
+    """The study's committed plain runs were saved when TrainState.qparams was named quant."""
+    from qarjax.checkpoint import Checkpointer
+    from qarjax.loop import LEGACY_FIELD_NAMES, restore_latest, state_to_dict
+
+    tiny_config.reg.family = "nearest"  # so the renamed field holds arrays
+    state = Trainer(tiny_config, make_dataset(n_train=64)).init_state()
+    saved = jax.tree.map(lambda x: x + 1 if x.dtype.kind == "f" else x, state_to_dict(state))
+    old = {LEGACY_FIELD_NAMES.get(k, k): v for k, v in saved.items()}
+    assert "quant" in old and jax.tree.leaves(old["quant"])
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
+    checkpoints.save(3, {"state": old, "epoch": 3, "train_seconds": 1.5})
+    checkpoints.wait()
+    restored, epoch, seconds = restore_latest(checkpoints, state)
+    assert (epoch, seconds) == (3, 1.5)
+    _assert_trees_close(state_to_dict(restored), saved)
+    checkpoints.close()
