@@ -12,6 +12,7 @@ model is stored in about log2(K) bits per weight. The public API, on any Flax NN
   optimizer           an optax transform routing representatives to their own step (and,
                       with ``decoupled=lr``, the pull outside the optimizer)
   quantize            a model -> QuantizedModel (indices and codebooks per layer)
+  allocate_k          a K per layer for a size budget, from each layer's measured sensitivity
   tune                retrain the codebooks with your loss, indices fixed
   reestimate_batch_stats  batch-norm statistics of the quantized weights, from your batches
   save, load          the compressed model file (``load(path, into=model)``)
@@ -27,6 +28,7 @@ from qarjax import xla_defaults
 
 xla_defaults.install_env_defaults()  # before JAX starts its CPU backend, where possible
 
+from qarjax.budget import Allocation, allocate_k  # noqa: E402
 from qarjax.compress import load_model as load  # noqa: E402
 from qarjax.compress import save_model as save  # noqa: E402
 from qarjax.errors import QarjaxError  # noqa: E402
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TRAINABLE",
+    "Allocation",
     "Family",
     "QarjaxError",
     "QuantParam",
@@ -51,6 +54,7 @@ __all__ = [
     "Regularization",
     "Representatives",
     "Rule",
+    "allocate_k",
     "attach",
     "cpu_compiler_options",
     "decoupled_pull",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import io
 import os
 import re
 import signal
@@ -104,6 +105,19 @@ def _flag_error(error: Exception) -> ConfigError:
     return ConfigError(text or type(error).__name__)
 
 
+@contextlib.contextmanager
+def _flagfile_warnings_refused():
+    """absl warns on stderr and goes on where a --flagfile includes itself: refused here."""
+    caught = io.StringIO()
+    with contextlib.redirect_stderr(caught):
+        yield
+    text = caught.getvalue()
+    match = re.search(r"circular flagfile dependency\. Ignoring flagfile: ?(.*)", text)
+    if match:
+        raise ConfigError(f"--flagfile {match.group(1).strip()} includes itself (a cycle)")
+    sys.stderr.write(text)
+
+
 def parse_command_line(argv: list[str]) -> Invocation:
     """`argv` without the program name: COMMAND then flags; raises ConfigError when bad."""
     from qarjax.config import check_key, load_config
@@ -121,7 +135,8 @@ def parse_command_line(argv: list[str]) -> Invocation:
     probe = flags.FlagValues()
     flags.DEFINE_string("config", None, "", flag_values=probe)
     try:
-        unparsed = probe(rest, known_only=True)
+        with _flagfile_warnings_refused():
+            unparsed = probe(rest, known_only=True)
     except flags.Error as e:
         raise _flag_error(e) from None
     if not probe.config:

@@ -71,9 +71,9 @@ METADATA_KEYS = ("format", "format_version", "config", "layers", "metrics", "sha
 LAYER_KEYS = ("bits", "k", "shape")
 TENSOR_KEYS = ("data_offsets", "dtype", "shape")
 MAX_RANK = 8
-MAX_HEADER_BYTES = 64 << 20
+MAX_HEADER_BYTES = 16 << 20  # ~100 bytes a tensor: room for 160,000 tensors and the config
 _SHA_TOKEN = b'"sha256":"%s"'
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{[]', re.DOTALL)  # a string, { or [
+_JSON_TOKEN = re.compile(rb'["{[]')  # a string's start, { or [
 BYTES_PER_CONTAINER = 16  # a model file's header spends >= 19 bytes per JSON object or list
 _REMAKE = "re-run `qarjax quantize` and `qarjax tune` on the workdir to write it as .safetensors"
 
@@ -252,6 +252,10 @@ def load(path: str | Path) -> Artifact:
         old = path.with_suffix(".qarjax")
         hint = f" ({old.name} there is the old format: {_REMAKE})" if old.is_file() else ""
         raise ArtifactError(f"compressed model not found: {path}{hint}")
+    if path.is_dir():
+        raise ArtifactError(f"cannot read {path}: it is a folder, not a model file")
+    if not path.is_file():  # a FIFO or a device: opening one may wait forever for a writer
+        raise ArtifactError(f"{path} is not a file (a FIFO, socket or device)")
     try:
         with open(path, "rb") as f:
             info = os.fstat(f.fileno())
@@ -302,13 +306,28 @@ def _read(path: Path, f, size: int) -> Artifact:
 
 def _containers(raw: bytes, limit: int) -> bool:
     """Whether the JSON text `raw` opens more than `limit` objects and lists (strings skipped;
-    O(1) memory, stops at the limit)."""
-    count = 0
-    for m in _JSON_TOKEN.finditer(raw):
-        if m.end() - m.start() == 1 and raw[m.start()] != 0x22:
+    O(len) time and O(1) memory: a regex repetition over a long string would take memory per
+    character; stops at the limit)."""
+    count, i = 0, 0
+    while (m := _JSON_TOKEN.search(raw, i)) is not None:
+        if raw[m.start()] != 0x22:  # { or [
             count += 1
             if count > limit:
                 return True
+            i = m.end()
+            continue
+        j = m.end()  # inside a string: its end is the next quote not escaped
+        while True:
+            j = raw.find(b'"', j)
+            if j < 0:
+                return False  # unterminated: the parser refuses it
+            escapes = 0
+            while raw[j - 1 - escapes] == 0x5C:  # each backslash run is read once
+                escapes += 1
+            if escapes % 2 == 0:
+                break
+            j += 1
+        i = j + 1
     return False
 
 

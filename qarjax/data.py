@@ -47,6 +47,7 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes decoded as one chan
 CHANNELS = (0, 1, 3)  # dataset_channels: as the data has them, gray, RGB
 FLIP_BY_DEFAULT = ("cifar10", "cifar10_mini")  # datasets whose mirror images are valid images
 MINI_ARCHIVE = Path(__file__).parent / "assets" / "cifar10_mini.tar.gz"
+MAX_IMAGE_FILE_BYTES = 64 << 20  # PIL refuses more than ~179 M pixels anyway
 _CACHE_VERSION = "v3"  # v2: grayscale images keep one channel; v3: 16-bit gray scaled
 
 
@@ -287,17 +288,29 @@ def _read_cache(cache_file: Path, path: Path) -> Dataset | None:
     return None
 
 
+def _check_image_size(name: str, size: int) -> None:
+    if size > MAX_IMAGE_FILE_BYTES:
+        raise DataError(
+            f"image {name} is {size:,} bytes: refused unread, an image file may be at most "
+            f"{MAX_IMAGE_FILE_BYTES >> 20} MiB"
+        )
+
+
 def _list_images(path: Path) -> Iterator[tuple[str, bytes]]:
-    """Yields (relative name, file bytes) for every image file under a folder or archive."""
+    """Yields (relative name, file bytes) for every image file under a folder or archive
+    (each checked against MAX_IMAGE_FILE_BYTES before it is read)."""
     if path.is_dir():
         for file in sorted(path.rglob("*")):
             if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
-                yield file.relative_to(path).as_posix(), file.read_bytes()
+                name = file.relative_to(path).as_posix()
+                _check_image_size(name, file.stat().st_size)
+                yield name, file.read_bytes()
         return
     try:
         with tarfile.open(path, "r:*") as archive:
             for member in archive:
                 if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                    _check_image_size(member.name, member.size)
                     yield member.name, archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise DataError(f"cannot read archive {path}: {e}") from None

@@ -43,6 +43,24 @@ def write_atomic(path, content: bytes | str | Callable[[Path], None], what: str 
         tmp.unlink(missing_ok=True)
 
 
+def read_json_object(path, what: str) -> dict:
+    """The JSON object in the file at `path` (qarjax wrote it: a summary, a config); a file
+    that cannot be read, is not UTF-8 JSON, or holds another value is one QarjaxError naming
+    `what` and the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise QarjaxError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QarjaxError(f"the {what} {path} is not valid JSON ({short(str(e), 80)}): remove "
+                          "it, or start over with --overwrite") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise QarjaxError(f"the {what} {path} holds a JSON {type(value).__name__}, not an "
+                          "object: remove it, or start over with --overwrite")  # fmt: skip
+    return value
+
+
 def write_json_atomic(path, payload, what: str = "file") -> None:
     """`payload` as indented JSON (numpy and JAX values made plain), atomically."""
     write_atomic(path, json.dumps(to_python(payload), indent=2) + "\n", what)

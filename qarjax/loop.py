@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -28,8 +27,8 @@ from qarjax import spec as spec_lib
 from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
 from qarjax.data import Dataset
 from qarjax.errors import ConfigError, QarjaxError, short
-from qarjax.files import write_atomic, write_json_atomic
-from qarjax.metrics import MetricsWriter
+from qarjax.files import read_json_object, write_atomic, write_json_atomic
+from qarjax.metrics import MetricsWriter, check_metrics_file
 from qarjax.spec import RunSpec, as_spec
 from qarjax.train import Trainer, TrainState
 
@@ -119,12 +118,7 @@ def check_resume_config(workdir: Path, spec: RunSpec) -> None:
     path = workdir / "config.json"
     if not path.is_file():
         return
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QarjaxError(f"cannot resume: {path} is not a readable config ({e})") from None
-    if not isinstance(saved, dict):
-        raise QarjaxError(f"cannot resume: {path} holds no config object")
+    saved = read_json_object(path, "run's config")
     differ = spec_lib.saved_differences(saved, spec)
     if differ:
         shown = ", ".join(f"{k} {short(a, 40)} -> {short(b, 40)}" for k, a, b in differ[:4])
@@ -245,6 +239,7 @@ def fit(
     prepare_workdir(workdir, resume=resume, overwrite=overwrite, clear=False)
     if resume:
         check_resume_config(workdir, spec)
+        check_metrics_file(workdir / "metrics.jsonl")
     if trainer is None:
         trainer = Trainer(spec, dataset or spec_lib.load_data(spec.data))
     else:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from qarjax.errors import QarjaxError
+
 
 def to_python(value: Any) -> Any:
     """Arrays and numpy scalars -> JSON-ready Python values (NaN/inf become strings)."""
@@ -83,6 +85,29 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def check_metrics_file(path: Path) -> None:
+    """Refuses (one QarjaxError) a metrics.jsonl that a resumed run could not continue: a line
+    that is not UTF-8, or JSON that is not an object. A last line cut by a kill is fine."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines()
+    for n, raw in enumerate(lines, 1):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise QarjaxError(f"{path} line {n} is not UTF-8 text: fix or remove the line, or "
+                              "start over with --overwrite") from None  # fmt: skip
+        except json.JSONDecodeError:
+            if n == len(lines) or not raw.strip():
+                continue  # cut by a kill mid-write (or blank)
+            raise QarjaxError(f"{path} line {n} is not JSON: fix or remove the line, or start "
+                              "over with --overwrite") from None  # fmt: skip
+        if not isinstance(record, dict):
+            raise QarjaxError(f"{path} line {n} holds a JSON {type(record).__name__}, not a "
+                              "metrics record (an object): fix or remove the line, or start "
+                              "over with --overwrite")  # fmt: skip
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -23,7 +23,7 @@ from qarjax import compress
 from qarjax.checkpoint import Checkpointer
 from qarjax.data import split_for_tuning
 from qarjax.errors import ArtifactError, ConfigError, QarjaxError
-from qarjax.files import write_json_atomic
+from qarjax.files import read_json_object, write_json_atomic
 from qarjax.loop import (
     FitResult,
     TrainState,
@@ -228,7 +228,7 @@ def _check_matches(q: QuantizedModel, spec: RunSpec, source, workdir=None) -> No
         )
     summary = None if workdir is None else Path(workdir) / "summary.json"
     if summary is not None and summary.exists():
-        steps = json.loads(summary.read_text()).get("steps")
+        steps = read_json_object(summary, "run's summary").get("steps")
         made_from = q.metadata.get("trained_steps")
         if made_from != steps:
             raise ArtifactError(
@@ -273,8 +273,9 @@ def run_pipeline(
     dataset = dataset or load_data(spec.data)
     began = time.perf_counter()
     if resume and summary_file.exists():
+        summary = read_json_object(summary_file, "run's summary")  # before the restore
         trainer, state = _restore_trained(spec, workdir, dataset)
-        fit_result = FitResult(json.loads(summary_file.read_text()), state, trainer)
+        fit_result = FitResult(summary, state, trainer)
     else:
         fit_result = fit(spec, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
     train_seconds = time.perf_counter() - began

@@ -176,7 +176,7 @@ def quantize(
     reg=None,
     *,
     method: str = "auto",
-    k: int | None = None,
+    k: int | Mapping[str, int] | None = None,
     include: str = r".*kernel",
 ) -> QuantizedModel:
     """Quantizes an NNX model (or its state) to K values per selected kernel.
@@ -184,7 +184,10 @@ def quantize(
     With a `Regularization` (`reg`) and method ``auto``: its layers, each quantized to its own
     grid (learned representatives or static zeros), or by 1-D k-means to its K for families
     without a grid. Otherwise `method` (``kmeans``, ``uniform``; ``nearest`` needs `reg`) with
-    `k` levels on every parameter whose name fully matches `include` (at least 2-D).
+    `k` levels on every parameter whose name fully matches `include` (at least 2-D); `k` may
+    also be {layer name: K} (those layers only), or an `qarjax.budget.Allocation`
+    (``qj.allocate_k``: a K per layer chosen for a size budget, recorded in the metadata, its
+    quantizer used where `method` is ``auto``).
     The model itself is not changed (`QuantizedModel.into` writes the result into it). The
     result's metadata (saved with it) records what made it: per layer the method ``auto``
     resolved to (``nearest``: the nearest value of its family's own grid), K and the family,
@@ -201,12 +204,11 @@ def quantize(
             "quantize: reg is the model's Regularization (what qj.attach returns), got "
             + short(reg)
         )
-    if not isinstance(include, str):
-        raise ConfigError(f"quantize: include is a regex string, got {short(include)}")
-    try:
-        re.compile(include)
-    except re.error as e:
-        raise ConfigError(f"quantize: bad include regex {include!r}: {e}") from None
+    from qarjax.budget import Allocation
+
+    allocation = k if isinstance(k, Allocation) else None
+    if allocation is not None:
+        k, method = allocation.k, allocation.method if method == "auto" else method
     params = as_tree(model, nnx.Param)
     stats = as_tree(model, nnx.BatchStat)
     if reg is not None and k is None:
@@ -220,10 +222,10 @@ def quantize(
         if k is None:
             raise ConfigError("quantize: give k (the levels per layer) or a regularization")
         grids, families = {}, {}
-        chosen = apply_rules(params, [Rule(include, family="none")])  # the one selector
-        layers = [(path, k) for path, _ in chosen.values()]
-        if not layers:
-            raise ConfigError(f"quantize: include={include!r} fully matches no kernel")
+        if isinstance(k, Mapping):
+            layers = _named_layers(params, k)
+        else:
+            layers = [(path, k) for path, _ in select_kernels(params, include, "quantize")]
         methods = {path_name(p): resolve(method, family("none")) for p, _ in layers}
     quantized, dequantized = quantize_params(params, layers, method=methods, grids=grids)
     made_by = {
@@ -237,7 +239,41 @@ def quantize(
     metadata = {"method": method, "layers": made_by}
     if reg is not None:
         metadata["regularization"] = reg.describe()
+    if allocation is not None:
+        metadata["allocation"] = allocation.describe()
     return QuantizedModel(dequantized, stats, quantized, metadata=metadata)
+
+
+def select_kernels(params: dict, include, what: str) -> list:
+    """[(path, value)] of the kernels whose names fully match `include` (the one selector,
+    `apply_rules`); a bad or empty selection is a one-line error naming `what`."""
+    if not isinstance(include, str):
+        raise ConfigError(f"{what}: include is a regex string, got {short(include)}")
+    try:
+        re.compile(include)
+    except re.error as e:
+        raise ConfigError(f"{what}: bad include regex {include!r}: {e}") from None
+    chosen = list(apply_rules(params, [Rule(include, family="none")]).values())
+    if not chosen:
+        raise ConfigError(f"{what}: include={include!r} fully matches no kernel")
+    return chosen
+
+
+def _named_layers(params: dict, ks: Mapping[str, int]) -> list[tuple[Path, int]]:
+    """[(path, K)] for a {layer name: K} map, each name a kernel of `params`."""
+    paths = {path_name(p): p for p, _ in leaves_with_paths(params)}
+    out = []
+    for name, k in ks.items():
+        if name not in paths:
+            near = sorted(n for n in paths if n.endswith("kernel"))[:4]
+            raise ConfigError(f"quantize: k names {name!r}, not a parameter of the model "
+                              f"(its kernels: {', '.join(near)}, ...)")  # fmt: skip
+        if np.ndim(get_in(params, paths[name])) < 2:
+            raise ConfigError(f"quantize: {name} is not a kernel (fewer than 2 dimensions)")
+        out.append((paths[name], k))
+    if not out:
+        raise ConfigError("quantize: k is an empty {layer name: K} map")
+    return out
 
 
 def _first_difference(ours, theirs, what: str) -> str:

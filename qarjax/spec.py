@@ -505,6 +505,8 @@ def _reg(c) -> RegSpec:
         check_range("reg.k_max", r.k_max, 2, MAX_K, integer=True)
         if r.k_max < r.k:
             raise ConfigError(f"reg.k_max={r.k_max} is below reg.k={r.k}: k_max pads K")
+    for key in ("range_lo", "range_hi"):  # read only by range_mode 'given', finite always
+        check_range(f"reg.{key}", r[key], -math.inf, math.inf)
     given = (r.range_lo, r.range_hi) if r.range_mode == "given" else None
     settings = Settings(r.range_mode, given, r.init, r.temperature, r.reduction, r.eta,
                         r.dkm_temperature)  # fmt: skip

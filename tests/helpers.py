@@ -37,12 +37,17 @@ def tar_folder(folder: Path, archive: Path, top: str = "") -> Path:
 
 def run_cli(*args: str, devices: int = 1, timeout: float = 300, env_extra=None):
     """Runs `python -m qarjax ARGS` with `devices` fake CPU devices; returns CompletedProcess."""
+    return run_script("-m", "qarjax", *args, devices=devices, timeout=timeout, env_extra=env_extra)
+
+
+def run_script(*args: str, devices: int = 1, timeout: float = 300, env_extra=None):
+    """Runs `python ARGS` in the repo with `devices` fake CPU devices; returns CompletedProcess."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-m", "qarjax", *args],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

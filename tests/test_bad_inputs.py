@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import fcntl
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import model_files
 import pytest
-from helpers import REPO, run_cli, tar_folder, write_image_folder
+from helpers import REPO, run_script, tar_folder, write_image_folder
+from PIL import Image
 
 pytestmark = pytest.mark.timeout(600)
 DOC = REPO / "docs" / "bad_inputs.md"
@@ -57,6 +59,12 @@ ROWS = [
         "{tmp}/w"), r"cannot load config .*strict.py:zzz: ValueError: unknown arg 'zzz'"),
     Row("config", "get_config() returning None", ("--config", "{tmp}/none.py", "--workdir",
         "{tmp}/w"), r"get_config\(\) returned NoneType, not a ConfigDict"),
+    Row("config", "get_config() calling sys.exit(3)", ("--config", "{tmp}/exits.py",
+        "--workdir", "{tmp}/w"), r"cannot load config .*exits.py: it called sys.exit\(3\)"),
+    Row("config", "get_config() returning a partial ConfigDict", ("--config", "{tmp}/partial.py",
+        "--workdir", "{tmp}/w"), r"partial.py lacks the keys 'augment', .*default_config\(\)"),
+    Row("config", "flagfile that includes itself", (*TRAIN, "--flagfile={tmp}/self.flags"),
+        r"--flagfile .*self.flags includes itself \(a cycle\)"),
     # ---- config: keys, types, ranges
     Row("config", "unknown key", (*TRAIN, "--config.no_such_key=1"),
         r"unknown config key 'no_such_key': the closest key is '"),
@@ -88,6 +96,31 @@ ROWS = [
     Row("config", "unknown scan mode", (*TRAIN, "--config.scan_mode=fast"),
         r"unknown scan_mode 'fast'"),
     Row("config", "K < 2", (*TRAIN, "--config.reg.k=1"), r"reg.k must be in \[2, 65536\], got 1"),
+    Row("config", "k_max above 65536", (*TRAIN, "--config.reg.k_max=65537"),
+        r"reg.k_max must be in \[2, 65536\], got 65537"),
+    Row("config", "k_max below k", (*TRAIN, "--config.reg.k=8", "--config.reg.k_max=4"),
+        r"reg.k_max=4 is below reg.k=8"),
+    Row("config", "quant.k = 1", (*TRAIN, "--config.quant.k=1"), r"K must be an integer in \[2, "),
+    Row("config", "range_lo infinite (unused by the family, still checked)",
+        (*TRAIN, "--config.reg.range_lo=-inf"), r"reg.range_lo must be in \[-inf, inf\], got -inf"),
+    Row("config", "lambda infinite", (*TRAIN, "--config.reg.lam=inf"),
+        r"reg.lam must be in \[0.0, inf\], got inf \(finite\)"),
+    Row("config", "learning rate infinite", (*TRAIN, "--config.learning_rate=inf"),
+        r"learning_rate must be > 0 and finite, got inf"),
+    Row("config", "momentum NaN", (*TRAIN, "--config.momentum=nan"),
+        r"momentum must be in \[0, 1\), got nan"),
+    Row("config", "label smoothing 5", (*TRAIN, "--config.label_smoothing=5"),
+        r"label_smoothing must be in \[0, 1\), got 5"),
+    Row("config", "dropout 1.5", (*TRAIN, "--config.dropout=1.5"),
+        r"dropout must be in \[0, 1\) .*got 1.5"),
+    Row("config", "eval_batch_size 0", (*TRAIN, "--config.eval_batch_size=0"),
+        r"eval_batch_size must be a whole number >= 1, got 0"),
+    Row("config", "scan_steps 0", (*TRAIN, "--config.scan_steps=0"),
+        r"scan_steps must be -1 \(auto\) or >= 1, got 0"),
+    Row("config", "seed 2**64", (*TRAIN, "--config.seed=18446744073709551616"),
+        r"seed must be a whole number in \[0, 2\*\*32\), got 18446744073709551616"),
+    Row("config", "warm-up longer than the run", (*TRAIN, "--config.warmup_epochs=5"),
+        r"warmup_epochs=5 is longer than the run \(num_epochs=2\)"),
     Row("config", "lambda < 0", (*TRAIN, "--config.reg.lam=-0.5"),
         r"reg.lam must be in \[0.0, inf\], got -0.5"),
     Row("config", "lambda NaN", (*TRAIN, "--config.reg.lam=nan"),
@@ -119,6 +152,12 @@ ROWS = [
         r"cannot decode image"),
     Row("data", "corrupt archive", (*TRAIN, "--config.dataset=imagefolder:{tmp}/bad.tar.gz"),
         r"cannot read archive"),
+    Row("data", "one class", (*TRAIN, "--config.dataset=imagefolder:{tmp}/one_class"),
+        r"one class under train/ \(class0\): classification needs two or more"),
+    Row("data", "decompression-bomb PNG", (*TRAIN, "--config.dataset=imagefolder:{tmp}/bomb"),
+        r"image train/class1/bomb.png is refused as too large"),
+    Row("data", "a FIFO as the dataset", (*TRAIN, "--config.dataset=imagefolder:{tmp}/fifo"),
+        r"dataset path .*fifo is neither a folder nor an archive file"),
     # ---- workdir
     Row("workdir", "workdir holding a run, no --resume/--overwrite",
         ("--config", "configs/demo.py", "--workdir", "{run}", "--config.dataset={data}"),
@@ -159,12 +198,29 @@ ROWS = [
         ("--config", "configs/demo.py", "--workdir", "{run}", "--config.dataset={data}",
          "--config.quant.tune_learning_rate=0", "--overwrite"),
         r"quant.tune_learning_rate must be finite and > 0, got 0", command="run"),
+    Row("runs", "train --resume with a metrics line that is not an object",
+        ("--config", "configs/demo.py", "--workdir", "{tmp}/list_metrics",
+         "--config.dataset={data}", "--resume"),
+        r"metrics.jsonl line 2 holds a JSON list, not a metrics record"),
+    Row("runs", "train --resume with a metrics line that is not UTF-8",
+        ("--config", "configs/demo.py", "--workdir", "{tmp}/binary_metrics",
+         "--config.dataset={data}", "--resume"), r"metrics.jsonl line 2 is not UTF-8 text"),
+    Row("runs", "run --resume with a corrupt summary.json",
+        ("--config", "configs/demo.py", "--workdir", "{tmp}/corrupt_summary",
+         "--config.dataset={data}", "--resume"),
+        r"the run's summary .*summary.json is not valid JSON", command="run"),
+    Row("runs", "eval with a summary.json holding a list",
+        ("--config", "configs/demo.py", "--workdir", "{tmp}/list_summary",
+         "--config.dataset={data}"),
+        r"the run's summary .*summary.json holds a JSON list, not an object", command="eval"),
     Row("runs", "second process on the same workdir", ("--config", "configs/demo.py",
         "--workdir", "{tmp}/locked", "--resume"), r"is in use by another qarjax process",
         extra={"lock": True}),
     # ---- model files (tests/test_model_file_fuzz.py sends thousands more through the loader)
     Row("model file", "model file missing", EVAL, r"compressed model not found",
         command="eval", extra={"model": None}),
+    Row("model file", "a FIFO as the model file", (*EVAL[:-1], "{tmp}/fifo"),
+        r"fifo is not a file", command="eval"),
     Row("model file", "not a model file", EVAL, r"not a qarjax compressed model: its header length",
         command="eval", extra={"model": b"hello world, this is not a model" * 4}),
     Row("model file", "old-format .qarjax file", EVAL,
@@ -271,6 +327,26 @@ def world(tmp_path_factory):
     (root / "bad.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
     tar_folder(data, root / "ok.tar.gz")
     (root / "a_file").write_text("a file, not a folder\n")
+    one = write_image_folder(root / "one_class", per_class=(4, 2), classes=1)
+    assert one.is_dir()
+    bomb = write_image_folder(root / "bomb", per_class=(4, 2))  # 400 M pixels in a few KB
+    Image.new("1", (20000, 20000)).save(bomb / "train" / "class1" / "bomb.png")
+    os.mkfifo(root / "fifo")  # opening it for reading waits for a writer: never opened
+    (root / "exits.py").write_text("import sys\n\ndef get_config():\n    sys.exit(3)\n")
+    partial = "return ml_collections.ConfigDict({'model': 'cnn_small'})"
+    (root / "partial.py").write_text(f"import ml_collections\n\ndef get_config():\n    {partial}\n")
+    (root / "self.flags").write_text(f"--flagfile={root / 'self.flags'}\n")
+    damaged = {  # workdirs whose files a resume, run or eval reads back, each broken one way
+        "list_metrics": {"metrics.jsonl": b'{"epoch": 1}\n[1, 2]\n{"epoch": 2}\n'},
+        "binary_metrics": {"metrics.jsonl": b'{"epoch": 1}\n\xff\xfe{}\n'},
+        "corrupt_summary": {"summary.json": b'{"steps": '},
+        "list_summary": {"summary.json": b"[]"},
+    }
+    for name, files in damaged.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text("{}")
+        for file, content in files.items():
+            (root / name / file).write_bytes(content)
     (root / "syntax.py").write_text("def get_config(:\n")
     (root / "noget.py").write_text("x = 1\n")
     (root / "none.py").write_text("def get_config():\n    return None\n")
@@ -287,6 +363,7 @@ def world(tmp_path_factory):
                        "summary.json": json.dumps({"steps": 4})}.items():  # fmt: skip
         (run / name).write_text(text)
     (root / "locked").mkdir()
+    (root / "list_summary" / "tuned.safetensors").write_bytes(b"")  # replaced below
     model = create_model("cnn_small", num_classes=3, image_shape=(16, 16, 3))
     params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     stats = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
@@ -294,6 +371,8 @@ def world(tmp_path_factory):
     compress.save(root / "good.safetensors", config={"model": "cnn_small"}, params=params,
                   batch_stats=stats, layers=layers, metadata={"trained_steps": 4})  # fmt: skip
     assert np.asarray(layers["conv1/conv/kernel"].indices).max() == 3  # rows rely on it
+    good = (root / "good.safetensors").read_bytes()
+    (root / "list_summary" / "tuned.safetensors").write_bytes(good)
     return {"tmp": root, "data": f"imagefolder:{data}", "run": run}
 
 
@@ -307,13 +386,15 @@ def _snapshot(folder: Path) -> dict:
     }
 
 
-def _run_row(row: Row, world: dict, index: int) -> str | None:
-    """Runs one row; returns None if it behaved, else what went wrong."""
+def _prepare(row: Row, world: dict, index: int) -> list[str]:
+    """The row's command line, its files laid out in a folder of its own."""
     tmp = world["tmp"] / f"row{index}"
     tmp.mkdir()
-    for name in ("syntax.py", "noget.py", "none.py", "strict.py", "a_file", "bad.tar.gz"):
+    for name in ("syntax.py", "noget.py", "none.py", "strict.py", "a_file", "bad.tar.gz",
+                 "exits.py", "partial.py", "self.flags", "fifo"):  # fmt: skip
         (tmp / name).symlink_to(world["tmp"] / name)
-    for name in ("empty_class", "corrupt", "locked"):
+    for name in ("empty_class", "corrupt", "locked", "one_class", "bomb", "list_metrics",
+                 "binary_metrics", "corrupt_summary", "list_summary"):  # fmt: skip
         (tmp / name).symlink_to(world["tmp"] / name, target_is_directory=True)
     if "model" in row.extra:
         blob = _model_file((world["tmp"] / "good.safetensors").read_bytes(), row.extra["model"])
@@ -322,36 +403,65 @@ def _run_row(row: Row, world: dict, index: int) -> str | None:
     elif row.command == "eval":
         (tmp / "model.safetensors").write_bytes((world["tmp"] / "good.safetensors").read_bytes())
     fill = {"tmp": str(tmp), "data": world["data"], "run": str(world["run"])}
-    args = [a.format(**fill) for a in row.args]
-    before = _snapshot(world["run"])
-    lock = None
-    if row.extra.get("lock"):
-        lock = open(world["tmp"] / "locked" / ".qarjax.lock", "a+")
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        result = run_cli(row.command, *args, devices=row.devices, timeout=240)
-    finally:
-        if lock:
-            lock.close()
-    lines = result.stderr.strip().splitlines()
+    return [row.command, *(a.format(**fill) for a in row.args)]
+
+
+def _judge(row: Row, result: dict, run_changed: bool) -> str | None:
+    """None if the row behaved, else what went wrong."""
+    lines = result["stderr"].strip().splitlines()
     problems = []
-    if result.returncode != 2:
-        problems.append(f"exit {result.returncode}")
+    if result["returncode"] != 2:
+        problems.append(f"exit {result['returncode']}")
     if len(lines) != 1 or not lines[0].startswith("qarjax: error: "):
-        problems.append(f"stderr is not one error line: {result.stderr[-600:]!r}")
+        problems.append(f"stderr is not one error line: {result['stderr'][-600:]!r}")
     elif not re.search(row.pattern, lines[0]):
         problems.append(f"{lines[0]!r} does not match {row.pattern!r}")
-    if _snapshot(world["run"]) != before:
+    if run_changed:
         problems.append("the finished run's files changed")
     return f"[{row.family}: {row.case}] " + "; ".join(problems) if problems else None
 
 
 def test_every_bad_input_is_one_line_exit_2_and_touches_no_finished_work(world):
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = list(pool.map(lambda ir: _run_row(ir[1], world, ir[0]), enumerate(ROWS)))
-    failures = [o for o in outcomes if o]
+    """The rows run through the CLI's `main` in batch processes (tests/cli_batch.py: one
+    import of jax per batch, stderr caught at its file descriptor), the finished run's files
+    compared after each row; a row whose devices differ gets a process of its own."""
+    lock = open(world["tmp"] / "locked" / ".qarjax.lock", "a+")  # another process holds it
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    before = _snapshot(world["run"])
+    batches: dict[tuple, list[int]] = {}
+    for i, row in enumerate(ROWS):  # two batches of one device run side by side
+        batches.setdefault((row.devices, i % 2 if row.devices == 1 else 0), []).append(i)
+    argvs = [_prepare(row, world, i) for i, row in enumerate(ROWS)]
+    results: dict[int, dict] = {}
+
+    def run(key):
+        devices, _ = key
+        folder = world["tmp"] / f"batch{devices}_{key[1]}"
+        folder.mkdir()
+        (folder / "rows.json").write_text(json.dumps([argvs[i] for i in batches[key]]))
+        files = (str(folder / "rows.json"), str(folder / "out.json"), "--watch", str(world["run"]))
+        done = run_script("tests/cli_batch.py", *files, devices=devices, timeout=480)
+        assert done.returncode == 0, done.stderr[-3000:]
+        for i, out in zip(batches[key], json.loads((folder / "out.json").read_text()),
+                          strict=True):  # fmt: skip
+            results[i] = out
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(run, batches))
+    finally:
+        lock.close()
+    signature = _signature(before)
+    failures = [_judge(row, results[i], results[i]["watched"] != signature)
+                for i, row in enumerate(ROWS)]  # fmt: skip
+    failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
+    assert _snapshot(world["run"]) == before
     assert {r.family for r in ROWS} == {"config", "data", "workdir", "runs", "model file"}
+
+
+def _signature(snapshot: dict) -> list:
+    return sorted([str(p), *v] for p, v in snapshot.items())
 
 
 def render() -> str:

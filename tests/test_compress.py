@@ -147,7 +147,7 @@ def test_missing_file(tmp_path):
     (tmp_path / "tuned.qarjax").write_bytes(b"QARJAX\x00\x01")
     with pytest.raises(ArtifactError, match="tuned.qarjax there is the old format: re-run"):
         compress.load(tmp_path / "tuned.safetensors")
-    with pytest.raises(ArtifactError, match="cannot read .*: Is a directory"):
+    with pytest.raises(ArtifactError, match="cannot read .*: it is a folder, not a model file"):
         compress.load(tmp_path)
     with pytest.raises(ArtifactError, match="/dev/zero is not a file"):
         compress.load("/dev/zero")

@@ -323,3 +323,22 @@ def test_bad_holdouts_are_refused(n, split, message):
 
     with pytest.raises(ConfigError, match=message):
         with_holdout(make_dataset(n_train=100), n, split)
+
+
+def test_an_archive_member_larger_than_an_image_is_refused_unread(tmp_path):
+    """A member of zeros compresses to almost nothing (one of 3 GiB once took 3.3 GB of
+    memory before its refusal): its size is read from the tar header and refused unread."""
+    import io
+    import tarfile
+
+    folder = write_image_folder(tmp_path / "imgs", per_class=(2, 1))
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for f in sorted(folder.rglob("*.png")):
+            tar.add(f, arcname=str(f.relative_to(folder)))
+        info = tarfile.TarInfo("train/class0/huge.png")
+        info.size = data.MAX_IMAGE_FILE_BYTES + 1
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    with pytest.raises(DataError, match=r"image train/class0/huge.png is 67,108,865 bytes: "
+                       r"refused unread, an image file may be at most 64 MiB"):  # fmt: skip
+        data.load_dataset(f"imagefolder:{archive}")

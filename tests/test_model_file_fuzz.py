@@ -426,3 +426,43 @@ def test_benign_rewrites_give_the_same_weights(world):
         np.testing.assert_array_equal(a, b)
     result = _load_and_eval(path, world)
     assert result == world["reference"]
+
+
+_RSS_OF_LOAD = """
+import resource, sys
+from qarjax import compress
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    compress.load(sys.argv[1])
+except compress.ArtifactError as e:
+    print(str(e)[:200])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("shape", ["one long string", "many keys", "too large"])
+def test_large_crafted_headers_are_read_within_bounded_memory(tmp_path, shape):
+    """The peak RSS of a fresh process (what tracemalloc cannot see: the regex engine's own
+    memory) for the worst headers we know: one 16 MB JSON string once took 2.6 GB; unique
+    keys take ~16x their bytes; a header above compress.MAX_HEADER_BYTES is never read."""
+    import json
+    import struct
+    import subprocess
+    import sys
+
+    n = compress.MAX_HEADER_BYTES - 64 if shape != "too large" else 4 * compress.MAX_HEADER_BYTES
+    if shape == "one long string":
+        header = json.dumps({"__metadata__": {"format": "x" * n}}).encode()
+    elif shape == "many keys":
+        header = json.dumps({f"k{i:09d}": 1 for i in range(n // 18)}).encode()
+    else:
+        header = b'"' + b"x" * (n - 2) + b'"'
+    assert len(header) <= compress.MAX_HEADER_BYTES or shape == "too large"
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    out = subprocess.run([sys.executable, "-c", _RSS_OF_LOAD, str(path)], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.splitlines()  # fmt: skip
+    assert len(out) == 2 and out[0].startswith(str(path)), out  # refused in one line
+    assert int(out[1]) <= 18 * min(len(header), compress.MAX_HEADER_BYTES) + (64 << 20), out
+    if shape == "too large":
+        assert "does not fit" in out[0] and int(out[1]) < 64 << 20
