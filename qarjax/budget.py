@@ -150,6 +150,11 @@ def allocate_k(
         raise ConfigError(f"allocate_k: loss_fn is a function of (model, *batch), got "
                           f"{short(loss_fn)}")  # fmt: skip
     quantizer(method)
+    if bits_for(min(ks)) > bits_per_weight:  # before any measuring
+        raise ConfigError(
+            f"budget of {bits_per_weight} bits per weight is below what K = {min(ks)} costs "
+            f"({bits_for(min(ks))} bits per weight)"
+        )
     batches = [tuple(b) if isinstance(b, tuple | list) else (b,) for b in batches]
     if not batches:
         raise ConfigError("allocate_k: give at least one batch to measure the loss on")

@@ -66,14 +66,14 @@ def _test_loss_and_accuracy(model, q, test):
 
 
 def test_the_allocation_meets_its_size_and_is_never_worse_than_one_k(digits):
-    """Measured on 600 training images, checked on the 397 test images, seeds 0-2. At the
+    """Measured on 600 training images, checked on the 397 test images, seeds 0 and 1. At the
     size of K = 4 everywhere (2 bits a weight) the allocation is never worse than K = 4 for
     all layers and better on some seed (the dense layer holds 93% of the weights, so the
     other choices are few); at 1.5 bits, where no one K fits but K = 2, it beats K = 2."""
     train, _, test = digits
     calibration = [(train[0][:600], train[1][:600])]
     gains = []
-    for seed in range(3):
+    for seed in range(2):
         model = _trained(seed, train)
         allocation = qj.allocate_k(model, _ce, calibration, bits_per_weight=2.0)
         assert allocation.bits_per_weight <= 2.0

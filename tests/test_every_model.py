@@ -3,14 +3,17 @@
 `qarjax run` (train with a regularizer -> quantize -> batch-norm re-estimate -> tune -> save ->
 report), then load and evaluate: a stage that no test runs on a model would first fail on a
 GPU, where minutes are scarce (VGG16's batch-norm re-estimate once crashed there: it has
-dropout after batch norm). The run is a subprocess on one CPU device, as on one GPU.
+dropout after batch norm). Both commands run in one subprocess on one CPU device, as on one
+GPU (tests/cli_batch.py). VGG16 and AlexNet run at a quarter of their width (`model_width`:
+the same layers, the same code in every stage; full width only costs CPU time: VGG16's `run`
+55 s against 34 s); their full-width forward passes are in test_models.py.
 """
 
 import json
 
 import numpy as np
 import pytest
-from helpers import run_cli, write_image_folder
+from helpers import run_script, write_image_folder
 
 from qarjax import compress
 from qarjax.models import MODELS
@@ -39,9 +42,14 @@ def test_whole_pipeline_on_every_model(model, tmp_path):
         f"--config.model={model}",
         f"--config.dataset=imagefolder:{folder}",
         *SETTINGS,
+        *(("--config.model_width=0.25",) if model in ("vgg16", "alexnet") else ()),
     )
-    result = run_cli("run", *args)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([["run", *args], ["eval", *args]]))
+    done = run_script("tests/cli_batch.py", str(rows), str(tmp_path / "out.json"), timeout=800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result, evaluated = json.loads((tmp_path / "out.json").read_text())
+    assert result["returncode"] == 0, result["stderr"][-3000:]
 
     report = json.loads((workdir / "report.json").read_text())
     assert report["model"] == model and report["method"] == "nearest" and report["k"] == [4]
@@ -58,7 +66,7 @@ def test_whole_pipeline_on_every_model(model, tmp_path):
     for layer in artifact.layers.values():
         assert np.unique(np.asarray(layer.dequantize())).size <= 4
 
-    evaluated = run_cli("eval", *args)  # the same arithmetic as the run: one device
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    accuracy = json.loads(evaluated.stdout.strip().splitlines()[-1])["accuracy"]
+    # eval: the same arithmetic as the run (one device); its line is the batch's last stdout
+    assert evaluated["returncode"] == 0, evaluated["stderr"][-3000:]
+    accuracy = json.loads(done.stdout.strip().splitlines()[-1])["accuracy"]
     assert accuracy == pytest.approx(report["post_tuning_accuracy"], abs=1e-6)

@@ -1,5 +1,6 @@
 """Model registry: the families build, run and have the documented parameter counts."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -22,13 +23,15 @@ def test_parameter_counts(name):
     assert count_params(model) == PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", ["cnn_small", "alexnet"])
+@pytest.mark.parametrize("name", ["cnn_small", "alexnet", "vgg16"])
 def test_forward_in_float32_and_bfloat16(name):
+    """At full width (test_every_model.py runs VGG16 at a quarter of it through the stages)."""
     for dtype in (jnp.float32, jnp.bfloat16):
         model = create_model(name, num_classes=10, dtype=dtype)
         logits = model(jnp.ones((2, 32, 32, 3)), train=True, rngs=nnx.Rngs(dropout=0))
         assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-        assert model.conv1.conv.kernel.value.dtype == jnp.float32  # params stay float32
+        params = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert all(p.dtype == jnp.float32 for p in params)  # params stay float32
 
 
 def test_other_image_sizes():
@@ -64,6 +67,14 @@ def test_vgg16_width_scales_every_layer():
     assert model.features[0].conv.kernel.value.shape == (3, 3, 3, 16)
     assert model.features[-1].conv.kernel.value.shape == (3, 3, 128, 128)
     assert len(model.features) == 13
+
+
+def test_alexnet_width_scales_every_layer_but_the_classifier():
+    model = nnx.eval_shape(lambda: create_model("alexnet", num_classes=10, width=0.25))
+    assert count_params(model) == 2_263_770
+    assert model.conv1.conv.kernel.value.shape == (5, 5, 3, 16)
+    assert model.fc2.kernel.value.shape == (1024, 1024)
+    assert model.fc3.kernel.value.shape == (1024, 10)
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ def test_the_gpu_plan_fits_in_25_minutes(capsys):
 def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsys):
     folder = write_image_folder(tmp_path / "imgs", per_class=(64, 8), size=16)
     common = [
-        "--scale", "cpu", "--methods", "none,sine,softmin", "--ks", "2,4", "--epochs", "2",
+        "--scale", "cpu", "--methods", "none,softmin", "--ks", "2,4", "--epochs", "2",
         "--dataset", f"imagefolder:{folder}", "--workdir", str(tmp_path / "w"),
         "--out", str(tmp_path / "out" / "table"),
     ]  # fmt: skip
@@ -45,14 +45,14 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     args = study.parse_args(common)
     sweep = study.Sweep(args)
     rows = [sweep.run(cell) for cell in study.ordered_cells(args)]
-    assert [r["method"] for r in rows[:4]] == ["none+kmeans", "none+uniform", "sine", "softmin"]
-    assert {r["k"] for r in rows} == {2, 4} and len(rows) == 8
-    for family in ("sine", "softmin"):  # K = 4 and K = 2 ran on one compiled step
+    assert [r["method"] for r in rows[:3]] == ["none+kmeans", "none+uniform", "softmin"]
+    assert {r["k"] for r in rows} == {2, 4} and len(rows) == 6
+    for family in ("softmin",):  # K = 4 and K = 2 ran on one compiled step
         assert sweep.trainers[("cnn_small", family, 0)].trace_count == 1
     assert sweep.tuners["cnn_small"].trainer.trace_count == 1
     for row in rows:
         assert row["live_min"] == row["k"], row  # no collapsed cell, softmin K = 2 included
-        assert row["shared_pretraining"] == (row["method"] in ("sine", "softmin"))
+        assert row["shared_pretraining"] == (row["method"] == "softmin")
     epochs_trained = {  # the branched runs trained only the regularized epoch
         training: len(read_jsonl(sweep.run_dir(training) / "metrics.jsonl"))
         for training in sweep.runs
@@ -67,4 +67,4 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     for column in ("train_seconds", "quantize_seconds", "tune_seconds", "live_min"):
         assert column in header
     cells = list((tmp_path / "w" / "cells").glob("*.json"))
-    assert len(cells) == 8 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
+    assert len(cells) == 6 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)

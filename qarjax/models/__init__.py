@@ -62,7 +62,7 @@ def create_model(
     width: float = 1.0,
 ) -> nnx.Module:
     """Builds the named model for images of `image_shape` (H, W, C), params drawn from `seed`;
-    `width` scales the layers of a model that takes a ``width`` argument (vgg16)."""
+    `width` scales the layers of a model that takes a ``width`` argument (vgg16, alexnet)."""
     check_model(name, width)
     kwargs = {} if dropout is None else {"dropout": dropout}
     if width != 1.0:
