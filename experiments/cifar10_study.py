@@ -422,8 +422,11 @@ def claims(model: str, ks: list, groups: dict) -> list[str]:
             r, rm = max(rivals)
             lines.append(
                 f"- K = {k}, against the QAT rivals: {rm} {r:.3f}, "
-                + (f"{(r - top[0]) * 100:.1f} points ahead of {top[1]}" if r > top[0] else
-                   f"{(top[0] - r) * 100:.1f} points behind {top[1]}")  # fmt: skip
+                + (
+                    f"{(r - top[0]) * 100:.1f} points ahead of {top[1]}"
+                    if r > top[0]
+                    else f"{(top[0] - r) * 100:.1f} points behind {top[1]}"
+                )  # fmt: skip
                 + "."
             )
     return [*lines, ""]
