@@ -9,6 +9,7 @@ continues with the same step, data order and randomness.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,7 @@ class Checkpointer:
         if epoch is None:
             raise QarjaxError(f"no checkpoint to resume from in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        self._check_shapes(epoch, abstract)
         try:
             return self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
@@ -150,6 +152,33 @@ class Checkpointer:
             raise QarjaxError(
                 f"cannot restore checkpoint {epoch} in {self.directory}: {first}"
             ) from None
+
+    def _check_shapes(self, epoch: int, abstract: Any) -> None:
+        """Refuses, in one line and before orbax reads an array, a checkpoint whose arrays
+        have other shapes than `abstract`'s (orbax would fail inside its async reads and leave
+        a page of warnings): e.g. representatives padded to another reg.k_max. Read from the
+        checkpoint's own metadata file; names it does not hold are left to orbax."""
+        try:
+            saved = json.loads((self.directory / str(epoch) / "default" / "_METADATA").read_text())
+            shapes = {
+                tuple(k["key"] for k in entry["key_metadata"]): entry["value_metadata"].get(
+                    "write_shape"
+                )
+                for entry in saved["tree_metadata"].values()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+            key = tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
+                        for p in path)  # fmt: skip
+            have = shapes.get(key)
+            if have is not None and tuple(have) != tuple(leaf.shape):
+                raise QarjaxError(
+                    f"checkpoint {epoch} in {self.directory} holds {'/'.join(key[1:])} of shape "
+                    f"{tuple(have)}, this config's is {tuple(leaf.shape)}: it was trained with "
+                    "another model or padding (reg.k_max pads K: quantize it at another K "
+                    "with the k_max it was trained with)"
+                )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -88,9 +88,16 @@ def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> Quanti
             ks = trainer.reg.ks_for(spec.reg)
             layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
         grids = grids_of(trainer.reg, state.params, state.qparams, state.consts)
-        for path, _ in layers:
+        for path, k in layers:
             if path_name(path) not in grids:
                 raise ConfigError(f"layer {path_name(path)} was not regularized: it has no grid")
+            if len(grids[path_name(path)]) != k:  # a finished run asked for another K
+                raise ConfigError(
+                    f"layer {path_name(path)} was trained towards K = "
+                    f"{len(grids[path_name(path)])} (its grid), not {k}: quantize it at "
+                    f"another K with quant.method=kmeans (or uniform) and quant.k={k}, or "
+                    f"train a run at K = {k}"
+                )
     quantized, params = quantize_params(state.params, layers, method=method, grids=grids)
     jax.block_until_ready(params)
     quantize_seconds = time.perf_counter() - began
@@ -272,13 +279,16 @@ def run_pipeline(
     summary_file = workdir / "summary.json"
     dataset = dataset or load_data(spec.data)
     began = time.perf_counter()
-    if resume and summary_file.exists():
+    restored = resume and summary_file.exists()
+    if restored:  # a finished run, quantized again (another K, say): nothing is trained
         summary = read_json_object(summary_file, "run's summary")  # before the restore
         trainer, state = _restore_trained(spec, workdir, dataset)
         fit_result = FitResult(summary, state, trainer)
     else:
         fit_result = fit(spec, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
-    train_seconds = time.perf_counter() - began
+    stage_seconds = time.perf_counter() - began
+    # the training's own time (its summary's, when it was trained before), and the restore's
+    train_seconds = fit_result.summary.get("train_seconds") if restored else stage_seconds
     q = quantize_stage(fit_result.trainer, fit_result.state, spec)
     compress.save_model(workdir / "quantized.safetensors", q)
     t = tune_stage(spec, dataset, q)
@@ -299,6 +309,7 @@ def run_pipeline(
         "sizes": sizes,
         "seconds": {
             "train": train_seconds,
+            "restore": stage_seconds if restored else 0.0,
             "quantize": m["quantize_seconds"],
             "tune": m["tune_seconds"],
         },

@@ -44,8 +44,9 @@ def markdown(report: dict) -> str:
     t = report["seconds"]
     lines += [
         "",
-        f"Wall time: train {t['train']:.1f} s, quantize {t['quantize']:.2f} s, "
-        f"tune {t['tune']:.1f} s.",
+        f"Wall time: train {t['train']:.1f} s"
+        + (f" (earlier; restored now in {t['restore']:.1f} s)" if t.get("restore") else "")
+        + f", quantize {t['quantize']:.2f} s, tune {t['tune']:.1f} s.",
     ]
     return "\n".join(lines) + "\n"
 

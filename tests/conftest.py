@@ -66,3 +66,13 @@ def tiny_config():
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, {jax.device_count()} devices"
+
+
+# The longest files start first, so neither xdist worker sits idle at the end waiting for the
+# other's last long test (the order within each group is kept).
+LONG_FIRST = ("test_notebook.py", "test_study.py", "test_every_model.py", "test_cli.py",
+              "test_qat_training.py", "test_budget.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in LONG_FIRST)

@@ -46,6 +46,32 @@ def test_run_writes_the_report(trained):
         assert (workdir / name).exists(), name
 
 
+def test_run_resume_with_another_k_restores_and_says_so(trained, tmp_path):
+    """A finished run quantized again at another K (k-means: its grid is the trained K's):
+    nothing trains, the report's train time is the training's own (summary.json), the
+    restore is counted apart. Asking its grid for another K is refused in one line, whether
+    the padding differs (k_max) or not."""
+    folder, workdir, args = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    data = f"--config.dataset=imagefolder:{folder}"
+    args = ("--config", "configs/demo.py", "--workdir", str(copy), "--resume", data, *BASE)
+    refused = run_cli("run", *args, "--config.reg.k=2")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "kernel_reps of shape (4,), this config's is (2,)" in refused.stderr
+    refused = run_cli("run", *args, "--config.reg.k=2", "--config.reg.k_max=4")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "was trained towards K = 4 (its grid), not 2" in refused.stderr
+    again = run_cli("run", *args, "--config.quant.method=kmeans", "--config.quant.k=2")
+    assert again.returncode == 0, again.stderr
+    report = json.loads((copy / "report.json").read_text())
+    summary = json.loads((copy / "summary.json").read_text())
+    assert report["k"] == [2]
+    assert report["seconds"]["train"] == summary["train_seconds"]
+    assert report["seconds"]["restore"] > 0
+    assert json.loads((workdir / "report.json").read_text())["seconds"]["restore"] == 0
+
+
 def test_quantize_tune_eval_commands(trained):
     folder, workdir, args = trained
     data = f"--config.dataset=imagefolder:{folder}"
