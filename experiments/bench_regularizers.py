@@ -69,9 +69,19 @@ def main() -> None:
         default=None,
         help="only these families (and none, the baseline)",
     )
+    parser.add_argument(
+        "--ks",
+        type=lambda s: [int(k) for k in s.split(",")],
+        default=None,
+        help="the paper's four families at these K instead of 4 and 32 (e.g. 4,16)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    variants = [v for v in VARIANTS if args.families is None or v[0] in ("none", *args.families)]
+    variants = VARIANTS
+    if args.ks:
+        paper = [(f, k) for k in args.ks for f in ("sine", "cosine", "nearest", "softmin")]
+        variants = [("none", 4), *paper, *(v for v in VARIANTS if v[0] not in dict(paper))]
+    variants = [v for v in variants if args.families is None or v[0] in ("none", *args.families)]
 
     data = synthetic_cifar(args.steps * args.batch_size)
     runs = []
