@@ -37,5 +37,5 @@ setup(
             "ipykernel>=6.29",
         ],
     },
-    entry_points={"console_scripts": ["qarjax=qarjax.cli:main"]},
+    entry_points={"console_scripts": ["qarjax=qarjax.cli:run"]},
 )

@@ -1,7 +1,5 @@
 """`python -m qarjax` is the `qarjax` command."""
 
-import sys
+from qarjax.cli import run
 
-from qarjax.cli import main
-
-sys.exit(main())
+run()

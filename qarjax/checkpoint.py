@@ -9,7 +9,7 @@ continues with the same step, data order and randomness.
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,10 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, epoch: int, state: Any) -> None:
-        self.manager.save(epoch, args=ocp.args.StandardSave(state))
+        try:
+            self.manager.save(epoch, args=ocp.args.StandardSave(state))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types (a full disk, say)
+            self._failed(e)
 
     def restore(self, target: Any, epoch: int | None = None) -> Any:
         """Restores into the structure, dtypes and shardings of `target` (arrays or abstract)."""
@@ -157,32 +160,54 @@ class Checkpointer:
         """Refuses, in one line and before orbax reads an array, a checkpoint whose arrays
         have other shapes than `abstract`'s (orbax would fail inside its async reads and leave
         a page of warnings): e.g. representatives padded to another reg.k_max. Read from the
-        checkpoint's own metadata file; names it does not hold are left to orbax."""
+        checkpoint's metadata; names it does not hold are left to orbax."""
         try:
-            saved = json.loads((self.directory / str(epoch) / "default" / "_METADATA").read_text())
-            shapes = {
-                tuple(k["key"] for k in entry["key_metadata"]): entry["value_metadata"].get(
-                    "write_shape"
-                )
-                for entry in saved["tree_metadata"].values()
+            from etils import epath
+
+            saved = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(self.directory / str(epoch) / "default")
+            )
+            found = {
+                keypath_name(path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(
+                    getattr(saved, "tree", saved)
+                )[0]
+                if getattr(leaf, "shape", None) is not None
             }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except Exception:  # noqa: BLE001 - unreadable metadata: orbax's restore decides
             return
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-            key = tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
-                        for p in path)  # fmt: skip
-            have = shapes.get(key)
-            if have is not None and tuple(have) != tuple(leaf.shape):
+            name = keypath_name(path)
+            shape = getattr(leaf, "shape", None)
+            if name in found and shape is not None and found[name] != tuple(shape):
                 raise QarjaxError(
-                    f"checkpoint {epoch} in {self.directory} holds {'/'.join(key[1:])} of shape "
-                    f"{tuple(have)}, this config's is {tuple(leaf.shape)}: it was trained with "
-                    "another model or padding (reg.k_max pads K: quantize it at another K "
-                    "with the k_max it was trained with)"
+                    f"checkpoint {epoch} in {self.directory} holds {name.removeprefix('state/')} "
+                    f"of shape {found[name]}, this config's is {tuple(shape)}: it was "
+                    "trained with another model or padding (reg.k_max pads K: quantize it at "
+                    "another K with the k_max it was trained with)"
                 )
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - an asynchronous save that failed
+            self._failed(e)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+    def _failed(self, error: Exception) -> None:
+        """A save that failed: its unfinished folder removed (the finished checkpoints stay),
+        one QarjaxError line."""
+        for unfinished in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(unfinished, ignore_errors=True)
+        text = str(error)
+        if "os_error_code='28'" in text or "No space left" in text:
+            reason = "no space left on the device"
+        else:
+            reason = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+        raise QarjaxError(
+            f"cannot write a checkpoint in {self.directory}: {reason} (the finished "
+            "checkpoints are kept: --resume continues from the newest)"
+        ) from None

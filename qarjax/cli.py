@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import io
+import logging
 import os
 import re
 import signal
@@ -220,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) > 1 and argv[0] in COMMANDS and ("--help" in argv or "-h" in argv):
         print(command_help(argv[0]), end="")
         return 0
+    # Libraries' own error logs (orbax's background savers) would add lines to the one line a
+    # failure gets: the error that reaches here says it.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
@@ -257,5 +261,17 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
+def run() -> None:
+    """The console entry point: `main`'s status as the exit status. After a refusal or a
+    failure (2) the process ends at once, so that threads a library left (orbax's savers)
+    print nothing after the one error line."""
+    code = main()
+    if code == 2:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -336,9 +336,13 @@ def fit(
                     )
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
-    finally:
-        checkpoints.close()
+    except BaseException:  # the first error is the one to report, not a failed close's
+        with contextlib.suppress(QarjaxError):
+            checkpoints.close()
         writer.close()
+        raise
+    checkpoints.close()  # a save that failed asynchronously is reported here
+    writer.close()
     if start_epoch >= spec.train.num_epochs:  # resumed a finished run: report its final state
         test = trainer.evaluate(state)
     steady = epoch_rates[1:] or epoch_rates

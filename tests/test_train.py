@@ -194,3 +194,43 @@ def test_a_checkpoint_from_before_a_field_rename_still_restores(tiny_config, tmp
     assert (epoch, seconds) == (3, 1.5)
     _assert_trees_close(state_to_dict(restored), saved)
     checkpoints.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_finished_checkpoints(tiny_config, small_disk):
+    from qarjax.checkpoint import Checkpointer
+
+    tiny_config.num_epochs = 2
+    dataset = make_dataset(n_train=64)
+    workdir = small_disk / "run"
+    fit(tiny_config, workdir, dataset=dataset, stop_after_epoch=1)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # the rest of the disk but 64 KiB: a config, not a checkpoint
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    filler.write_bytes(bytes(filler.stat().st_size - (1 << 16)))
+    with pytest.raises(QarjaxError, match=r"cannot write a checkpoint in .*: no space left on "
+                       r"the device \(the finished checkpoints are kept"):  # fmt: skip
+        fit(tiny_config, workdir, dataset=dataset, resume=True)
+    assert Checkpointer(workdir / "checkpoints").latest_epoch() == 1
+    assert not list((workdir / "checkpoints").glob("*tmp*"))  # the unfinished one removed
+    filler.unlink()
+    assert fit(tiny_config, workdir, dataset=dataset, resume=True).summary["epochs"] == 2
