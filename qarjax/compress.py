@@ -25,8 +25,9 @@ Metadata (``__metadata__``, str -> str)::
 before anything is allocated from it: JSON with no duplicate keys, no missing or unknown keys,
 dtypes, shapes, byte ranges that tile the data exactly, bits in [1, 16], 2 <= K <= 2**bits,
 then the checksum, finite values and indices < K. Anything else is refused with one
-ArtifactError line. Its memory: parsing the header, at most ~15x the header's bytes (a header
-opening more JSON objects and lists than one per 16 bytes is refused unparsed); then the
+ArtifactError line. Its memory: parsing the header (at most MAX_HEADER_BYTES), at most ~16x
+the header's bytes (a header opening more JSON objects and lists than one per 16 bytes is
+refused unparsed; strings are skipped by a scan of O(1) memory); then the
 file's bytes, a copy of the floats, and the indices unpacked to uint8/uint16 (at most 8 bytes
 per packed byte).
 
