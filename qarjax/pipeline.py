@@ -22,7 +22,7 @@ import jax
 from qarjax import compress
 from qarjax.checkpoint import Checkpointer
 from qarjax.data import split_for_tuning
-from qarjax.errors import ArtifactError, ConfigError, QarjaxError
+from qarjax.errors import ArtifactError, ConfigError, QarjaxError, short
 from qarjax.files import read_json_object, write_json_atomic
 from qarjax.loop import (
     FitResult,
@@ -231,7 +231,8 @@ def _check_matches(q: QuantizedModel, spec: RunSpec, source, workdir=None) -> No
     state of the workdir's run than the one its summary.json records."""
     if q.config.get("model") != spec.model.name:
         raise ArtifactError(
-            f"{source} holds model {q.config.get('model')!r}, the config says {spec.model.name!r}"
+            f"{source} holds model {short(q.config.get('model'), 60)}, the config says "
+            f"{spec.model.name!r}"
         )
     summary = None if workdir is None else Path(workdir) / "summary.json"
     if summary is not None and summary.exists():
@@ -239,8 +240,9 @@ def _check_matches(q: QuantizedModel, spec: RunSpec, source, workdir=None) -> No
         made_from = q.metadata.get("trained_steps")
         if made_from != steps:
             raise ArtifactError(
-                f"{source} is stale: it was made from step {made_from} of training, the run "
-                f"in {workdir} is at step {steps}; run `qarjax quantize` (and tune) again"
+                f"{source} is stale: it was made from step {short(made_from, 30)} of training, "
+                f"the run in {workdir} is at step {short(steps, 30)}; run `qarjax quantize` (and "
+                "tune) again"
             )
 
 

@@ -257,6 +257,9 @@ ROWS = [
         extra={"model": "no_stats"}),
     Row("model file", "model file of another model", (*EVAL, "--config.model=alexnet"),
         r"holds model 'cnn_small', the config says 'alexnet'", command="eval"),
+    Row("model file", "a model name of 2 MB (the line stays short)", EVAL,
+        r"holds model 'x{20,60}\.\.\., the config says 'cnn_small'$", command="eval",
+        extra={"model": ("config", "model", "x" * 2_000_000)}),
 ]  # fmt: skip
 
 
@@ -297,6 +300,9 @@ def _model_file(good: bytes, how) -> bytes | None:
         header = how[1]
     elif how[0] == "raw":
         header = how[1]
+    elif how[0] == "config":
+        meta["config"][how[1]] = how[2]
+        header["__metadata__"]["config"] = json.dumps(meta["config"])
     elif how[0] == "layer":
         meta["layers"]["conv1/conv/kernel"][how[1]] = how[2]
         header["__metadata__"]["layers"] = json.dumps(meta["layers"])
