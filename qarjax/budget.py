@@ -74,6 +74,13 @@ class Allocation:
         }
 
 
+def _below_smallest(bits_per_weight: float, smallest: int) -> ConfigError:
+    return ConfigError(
+        f"budget of {bits_per_weight} bits per weight is below what K = {smallest} costs "
+        f"({bits_for(smallest)} bits per weight)"
+    )
+
+
 def _spent(k: dict[str, int], weights: dict[str, int]) -> float:
     return sum(weights[n] * bits_for(k[n]) for n in k) / sum(weights.values())
 
@@ -103,11 +110,7 @@ def choose(
                 front.append(option)
                 lowest = option[1]
         if not front:
-            smallest = min(min(s) for s in sensitivity.values())
-            raise ConfigError(
-                f"budget of {bits_per_weight} bits per weight is below what K = {smallest} "
-                f"costs ({bits_for(smallest)} bits per weight)"
-            )
+            raise _below_smallest(bits_per_weight, min(min(s) for s in sensitivity.values()))
     return dict(zip(sensitivity, min(front, key=lambda o: o[1])[2], strict=True))
 
 
@@ -151,10 +154,7 @@ def allocate_k(
                           f"{short(loss_fn)}")  # fmt: skip
     quantizer(method)
     if bits_for(min(ks)) > bits_per_weight:  # before any measuring
-        raise ConfigError(
-            f"budget of {bits_per_weight} bits per weight is below what K = {min(ks)} costs "
-            f"({bits_for(min(ks))} bits per weight)"
-        )
+        raise _below_smallest(bits_per_weight, min(ks))
     batches = [tuple(b) if isinstance(b, tuple | list) else (b,) for b in batches]
     if not batches:
         raise ConfigError("allocate_k: give at least one batch to measure the loss on")

@@ -89,14 +89,14 @@ def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> Quanti
             layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
         grids = grids_of(trainer.reg, state.params, state.qparams, state.consts)
         for path, k in layers:
-            if path_name(path) not in grids:
-                raise ConfigError(f"layer {path_name(path)} was not regularized: it has no grid")
-            if len(grids[path_name(path)]) != k:  # a finished run asked for another K
+            name = path_name(path)
+            if name not in grids:
+                raise ConfigError(f"layer {name} was not regularized: it has no grid")
+            if len(grids[name]) != k:  # a finished run asked for another K
                 raise ConfigError(
-                    f"layer {path_name(path)} was trained towards K = "
-                    f"{len(grids[path_name(path)])} (its grid), not {k}: quantize it at "
-                    f"another K with quant.method=kmeans (or uniform) and quant.k={k}, or "
-                    f"train a run at K = {k}"
+                    f"layer {name} was trained towards K = {len(grids[name])} (its grid), not "
+                    f"{k}: quantize it at another K with quant.method=kmeans (or uniform) and "
+                    f"quant.k={k}, or train a run at K = {k}"
                 )
     quantized, params = quantize_params(state.params, layers, method=method, grids=grids)
     jax.block_until_ready(params)

@@ -260,20 +260,21 @@ def select_kernels(params: dict, include, what: str) -> list:
 
 
 def _named_layers(params: dict, ks: Mapping[str, int]) -> list[tuple[Path, int]]:
-    """[(path, K)] for a {layer name: K} map, each name a kernel of `params`."""
-    paths = {path_name(p): p for p, _ in leaves_with_paths(params)}
-    out = []
-    for name, k in ks.items():
-        if name not in paths:
-            near = sorted(n for n in paths if n.endswith("kernel"))[:4]
+    """[(path, K)] for a {layer name: K} map, each name a kernel of `params`: one rule per
+    name through the one selector (`apply_rules`, which knows what a kernel is)."""
+    if not ks:
+        raise ConfigError("quantize: k is an empty {layer name: K} map")
+    rules = [Rule(re.escape(name), family="none", k=k) for name, k in ks.items()]
+    chosen = apply_rules(params, rules)
+    for name in ks:
+        if name not in chosen:
+            names = {path_name(p) for p, _ in leaves_with_paths(params)}
+            if name in names:
+                raise ConfigError(f"quantize: {name} is not a kernel (fewer than 2 dimensions)")
+            near = sorted(n for n in names if n.endswith("kernel"))[:4]
             raise ConfigError(f"quantize: k names {name!r}, not a parameter of the model "
                               f"(its kernels: {', '.join(near)}, ...)")  # fmt: skip
-        if np.ndim(get_in(params, paths[name])) < 2:
-            raise ConfigError(f"quantize: {name} is not a kernel (fewer than 2 dimensions)")
-        out.append((paths[name], k))
-    if not out:
-        raise ConfigError("quantize: k is an empty {layer name: K} map")
-    return out
+    return [(path, fields["k"]) for path, fields in chosen.values()]
 
 
 def _first_difference(ours, theirs, what: str) -> str:
