@@ -17,10 +17,10 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import model_files
 import pytest
+from cli_batch import signature
 from helpers import REPO, run_script, tar_folder, write_image_folder
 from PIL import Image
 
@@ -382,16 +382,6 @@ def world(tmp_path_factory):
     return {"tmp": root, "data": f"imagefolder:{data}", "run": run}
 
 
-def _snapshot(folder: Path) -> dict:
-    if not folder.is_dir():
-        return {}
-    return {  # the lock file is no work of the run
-        p: (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != ".qarjax.lock"
-    }
-
-
 def _prepare(row: Row, world: dict, index: int) -> list[str]:
     """The row's command line, its files laid out in a folder of its own."""
     tmp = world["tmp"] / f"row{index}"
@@ -433,7 +423,7 @@ def test_every_bad_input_is_one_line_exit_2_and_touches_no_finished_work(world):
     compared after each row; a row whose devices differ gets a process of its own."""
     lock = open(world["tmp"] / "locked" / ".qarjax.lock", "a+")  # another process holds it
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    before = _snapshot(world["run"])
+    before = signature(world["run"])  # what cli_batch reports after each row
     batches: dict[tuple, list[int]] = {}
     for i, row in enumerate(ROWS):  # two batches of one device run side by side
         batches.setdefault((row.devices, i % 2 if row.devices == 1 else 0), []).append(i)
@@ -457,17 +447,12 @@ def test_every_bad_input_is_one_line_exit_2_and_touches_no_finished_work(world):
             list(pool.map(run, batches))
     finally:
         lock.close()
-    signature = _signature(before)
-    failures = [_judge(row, results[i], results[i]["watched"] != signature)
+    failures = [_judge(row, results[i], results[i]["watched"] != before)
                 for i, row in enumerate(ROWS)]  # fmt: skip
     failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
-    assert _snapshot(world["run"]) == before
+    assert signature(world["run"]) == before
     assert {r.family for r in ROWS} == {"config", "data", "workdir", "runs", "model file"}
-
-
-def _signature(snapshot: dict) -> list:
-    return sorted([str(p), *v] for p, v in snapshot.items())
 
 
 def render() -> str:
