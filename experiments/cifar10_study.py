@@ -45,6 +45,7 @@ import numpy as np
 from qarjax.compress import size_report
 from qarjax.config import load_config
 from qarjax.families import family
+from qarjax.files import write_json_atomic
 from qarjax.loop import fit
 from qarjax.pipeline import quantize_stage, tune_stage, tuning_trainer
 from qarjax.spec import build, load_data
@@ -79,6 +80,7 @@ class Cell:
     k: int
     seed: int
     method: str = "auto"  # the plain model: kmeans or uniform
+    lam: float | None = None  # lambda in place of the config's (a search's trial or choice)
 
     @property
     def label(self) -> str:
@@ -91,7 +93,8 @@ class Cell:
     @property
     def training(self) -> tuple:
         """The training run this cell quantizes (shared by the cells of a K-free family)."""
-        return self.model, self.family, self.seed, None if family(self.family).k_free else self.k
+        k = None if family(self.family).k_free else self.k
+        return self.model, self.family, self.seed, k, self.lam
 
 
 def ordered_cells(args) -> list[Cell]:
@@ -128,6 +131,8 @@ def base_config(model: str, family_name: str, args):
     # search can try an earlier start)
     config.keep_period = scale.get("keep_period", config.reg.start_epoch)
     config.quant.tune_holdout = scale.get("tune_holdout", config.quant.tune_holdout)
+    if args.holdout is not None:
+        config.holdout = args.holdout
     return config
 
 
@@ -138,9 +143,10 @@ class Sweep:
         self.args = args
         self.workdir = Path(args.workdir)
         self.dataset = None
-        self.trainers: dict = {}  # (model, family, seed) -> Trainer
+        self.trainers: dict = {}  # (model, family, seed, lam) -> Trainer
         self.tuners: dict = {}  # model -> tuning Trainer
         self.runs: dict = {}  # Cell.training -> (FitResult, own train seconds)
+        self.holdout = None  # the validation images of the lambda search
 
     def data(self, spec):
         if self.dataset is None:
@@ -151,6 +157,8 @@ class Sweep:
         """The run spec of `cell`: its config built and checked once."""
         config = base_config(cell.model, cell.family, self.args)
         config.seed = cell.seed
+        if cell.lam is not None:
+            config.reg.lam = cell.lam
         config.reg.k = cell.k
         config.quant.method, config.quant.k = cell.method, cell.k
         config.branch_from = branch_from
@@ -167,7 +175,7 @@ class Sweep:
             self.train(plain)
             branch_from = str(self.run_dir(plain.training))
         spec = self.spec_for(cell, branch_from)
-        key = (cell.model, cell.family, cell.seed)
+        key = (cell.model, cell.family, cell.seed, cell.lam)  # lambda is compiled in
         if key not in self.trainers:
             self.trainers[key] = Trainer(spec, self.data(spec))
         # resume: a finished run is restored, a killed one continues from its checkpoint.
@@ -176,10 +184,62 @@ class Sweep:
         return self.runs[cell.training]
 
     def run_dir(self, training) -> Path:
-        model, name, seed, k = training
-        return self.workdir / f"{model}_{name}_k{k or 'any'}_s{seed}" / "train"
+        model, name, seed, k, lam = training
+        at = "" if lam is None else f"_lam{lam:g}"
+        return self.workdir / f"{model}_{name}_k{k or 'any'}_s{seed}{at}" / "train"
+
+    # ------------------------------------------------------------- the lambda search
+
+    def searched(self, cell: Cell) -> bool:
+        return bool(self.args.search_lambdas) and family(cell.family).has_penalty
+
+    def chosen_lambda(self, cell: Cell) -> dict:
+        """The lambda search of `cell`'s (model, family): one trial per multiplier of the
+        family's lambda, each the cell's regularized phase at the smallest K of the sweep
+        (seed 0), scored by its pre-tuning accuracy on the held-out training images (never
+        the test set). Saved under --workdir/search, so a rerun reuses it; the trial that
+        wins is the cell's own training at that K."""
+        path = self.workdir / "search" / f"{cell.model}_{cell.family}.json"
+        grid = sorted(self.args.search_lambdas, reverse=True)
+        if path.exists():
+            found = json.loads(path.read_text())
+            if found["multipliers"] == grid and found["k"] == min(self.args.ks):
+                return found
+        base = base_config(cell.model, cell.family, self.args).reg.lam
+        k, trials = min(self.args.ks), []
+        for multiplier in grid:
+            trial = dataclasses.replace(cell, k=k, seed=0, method="auto", lam=base * multiplier)
+            result, seconds = self.train(trial)
+            began = time.perf_counter()
+            spec = self.spec_for(trial)
+            holdout = result.trainer.device_data(self.validation(spec))
+            q = quantize_stage(result.trainer, result.state, spec, data=holdout)
+            trials.append({
+                "lam": trial.lam, "train_seconds": seconds,
+                "score_seconds": time.perf_counter() - began,
+                "holdout_fp_accuracy": q.metadata["fp_accuracy"],
+                "holdout_pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
+                "live_min": live_levels(q.layers),
+            })  # fmt: skip
+        best = max(trials, key=lambda t: t["holdout_pre_tuning_accuracy"])
+        found = {"model": cell.model, "family": cell.family, "k": k, "multipliers": grid,
+                 "base_lambda": base, "lam": best["lam"], "trials": trials}  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, found)
+        return found
+
+    def validation(self, spec):
+        """The held-out training images as a dataset's test split (the search's scores)."""
+        if self.holdout is None:
+            if not spec.data.holdout:
+                raise SystemExit("the lambda search needs held-out images: pass --holdout N")
+            self.holdout = load_data(dataclasses.replace(spec.data, eval_split="holdout"))
+        return self.holdout
 
     def run(self, cell: Cell) -> dict:
+        search = self.chosen_lambda(cell) if self.searched(cell) else None
+        if search:
+            cell = dataclasses.replace(cell, lam=search["lam"])
         spec = self.spec_for(cell)
         result, train_seconds = self.train(cell)
         t0 = time.perf_counter()
@@ -207,7 +267,8 @@ class Sweep:
             "shared_pretraining": cell.family != "none" and not self.args.from_scratch,
             "train_seconds": train_seconds, "quantize_seconds": t1 - t0,
             "tune_seconds": t2 - t1,
-        }  # fmt: skip
+            "lam": spec.reg.lam if family(cell.family).has_penalty else None,
+        } | ({"lambda_search": search} if search else {})  # fmt: skip
 
 
 def live_levels(quantized: dict) -> int:
@@ -235,7 +296,7 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
     n_train = args.train_size or SCALES[args.scale]["train_size"]
     n_test = n_train // 5  # CIFAR-10's ratio; an evaluation runs at about 3x the train rate
     seen_train, seen_steps, seen_tuners = set(), set(), set()
-    total = {"train": 0.0, "compile": 0.0, "quantize": 0.0, "tune": 0.0}
+    total = {"train": 0.0, "compile": 0.0, "quantize": 0.0, "tune": 0.0, "search": 0.0}
     for cell in cells:
         config = base_config(cell.model, cell.family, args)
         ips = images_per_second[cell.model]
@@ -255,6 +316,16 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
         batches = config.quant.batch_stats_batches * config.batch_size
         total["quantize"] += args.quantize_seconds + 3 * n_test / ips / 3 + batches / ips / 2
         total["tune"] += config.quant.tune_epochs * epoch + 2 * n_test / ips / 3
+    # the lambda search: per (model, penalty family) its other trials (the winner at the
+    # smallest K is that cell's own training), each scored like a quantize stage
+    grid = args.search_lambdas or []
+    for model, name in {(c.model, c.family) for c in cells if family(c.family).has_penalty}:
+        if not grid:
+            break
+        config = base_config(model, name, args)
+        epoch = n_train / images_per_second[model]
+        phase = (config.num_epochs - config.reg.start_epoch) * epoch * family(name).step_factor
+        total["search"] += (len(grid) - 1) * phase + len(grid) * args.quantize_seconds
     total["all"] = sum(total.values())
     return total
 
@@ -293,7 +364,8 @@ def print_plan(cells: list[Cell], args) -> None:
     print(
         f"projected: {total['all'] / 60:.1f} min (train {total['train'] / 60:.1f}, compile "
         f"{total['compile'] / 60:.1f} at {args.compile_seconds:g} s each, quantize "
-        f"{total['quantize'] / 60:.1f}, tune {total['tune'] / 60:.1f}); step factors "
+        f"{total['quantize'] / 60:.1f}, tune {total['tune'] / 60:.1f}, lambda search "
+        f"{total['search'] / 60:.1f}); step factors "
         f"{ {c.family: family(c.family).step_factor for c in cells} }; "
         f"{'from scratch' if args.from_scratch else 'shared pre-training'}"
     )
@@ -305,8 +377,9 @@ def print_plan(cells: list[Cell], args) -> None:
 def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r))  # older cells lack newer keys
-        writer = csv.DictWriter(f, fieldnames=fields)
+        fields = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "lambda_search"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")  # older cells
+        # lack newer keys; the search's trials are in the page
         writer.writeheader()
         writer.writerows(rows)
     groups: dict = {}
@@ -356,7 +429,7 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
                   if (model, methods[0], k) in groups}  # fmt: skip
         lines += ["", "Compression ratio against float32: "
                   + ", ".join(f"K = {k}: x{v:.1f}" for k, v in ratios.items()), ""]  # fmt: skip
-        lines += claims(model, ks, groups) + stage_times(model, rows)
+        lines += claims(model, ks, groups) + searches(model, rows) + stage_times(model, rows)
     stages = {s: sum(r[f"{s}_seconds"] for r in rows) for s in ("quantize", "tune")}
 
     train = sum({trained_once(r): r["train_seconds"] for r in rows}.values())
@@ -429,6 +502,32 @@ def claims(model: str, ks: list, groups: dict) -> list[str]:
                 )  # fmt: skip
                 + "."
             )
+    return [*lines, ""]
+
+
+def searches(model: str, rows: list[dict]) -> list[str]:
+    """The lambda searches of this model's cells: per family its trials' held-out scores."""
+    found = {r["lambda_search"]["family"]: r["lambda_search"] for r in rows
+             if r["model"] == model and "lambda_search" in r}  # fmt: skip
+    if not found:
+        return []
+    lines = [
+        "Lambda per family, chosen on the 5,000 held-out training images (never the test set): "
+        "each trial trains the regularized phase at K = "
+        f"{next(iter(found.values()))['k']} and is scored by its pre-tuning accuracy there "
+        "[full precision]; the winner (bold) serves every K:",
+        "",
+        "| family | trials: lambda = held-out pre-tuning [full precision] | CPU min |",
+        "| --- | --- | --- |",
+    ]
+    for name, search in found.items():
+        trials = [
+            (f"**{t['lam']:g}**" if t["lam"] == search["lam"] else f"{t['lam']:g}")
+            + f" = {t['holdout_pre_tuning_accuracy']:.3f} [{t['holdout_fp_accuracy']:.3f}]"
+            for t in search["trials"]
+        ]
+        minutes = sum(t["train_seconds"] + t["score_seconds"] for t in search["trials"]) / 60
+        lines.append(f"| {name} | {'; '.join(trials)} | {minutes:.1f} |")
     return [*lines, ""]
 
 
@@ -511,6 +610,16 @@ def parse_args(argv=None):
         help="for --plan: k-means of one model's layers",
     )
     parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument(
+        "--search-lambdas",
+        type=lambda s: [float(m) for m in s.split(",")],
+        default=None,
+        help="multipliers of each penalty family's lambda: one trial each at the smallest K, "
+        "scored on the held-out training images; every K then uses the winner",
+    )
+    parser.add_argument(
+        "--holdout", type=int, default=None, help="training images held out (the config's)"
+    )
     args = parser.parse_args(argv)
     args.ks = args.ks or SCALES[args.scale]["ks"]
     args.models = args.models or SCALES[args.scale]["models"]

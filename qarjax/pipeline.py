@@ -73,12 +73,16 @@ def quantization_plan(trainer: Trainer, spec: RunSpec) -> tuple[str, list]:
     return method, [(path, override(overrides, path_name(path), default_k)) for path in paths]
 
 
-def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> QuantizedModel:
+def quantize_stage(
+    trainer: Trainer, state: TrainState, spec: RunSpec, *, data=None
+) -> QuantizedModel:
     """Quantizes a trained state; evaluates before and after the batch-norm re-estimate.
 
     The result's metadata: method (resolved: ``nearest`` is the family's own grid), layers
     (per layer its method, K and family), trained_steps, fp_accuracy,
-    pre_tuning_accuracy_no_bn, pre_tuning_accuracy, quantize_seconds; the config is the run's."""
+    pre_tuning_accuracy_no_bn, pre_tuning_accuracy, quantize_seconds; the config is the run's.
+    `data`: a ``trainer.device_data(...)`` to evaluate on instead of the trainer's test split
+    (a validation set, for a search)."""
     began = time.perf_counter()
     spec = as_spec(spec)
     method, layers = quantization_plan(trainer, spec)
@@ -101,12 +105,12 @@ def quantize_stage(trainer: Trainer, state: TrainState, spec: RunSpec) -> Quanti
     quantized, params = quantize_params(state.params, layers, method=method, grids=grids)
     jax.block_until_ready(params)
     quantize_seconds = time.perf_counter() - began
-    fp = trainer.evaluate(state)
-    plain = trainer.evaluate(state, params=params)
+    fp = trainer.evaluate(state, data=data)
+    plain = trainer.evaluate(state, params=params, data=data)
     stats = state.batch_stats
     if spec.quant.recompute_batch_stats:
         stats = recompute_batch_stats(trainer, state, params, spec.quant.batch_stats_batches)
-    pre = trainer.evaluate(state, params=params, batch_stats=stats)
+    pre = trainer.evaluate(state, params=params, batch_stats=stats, data=data)
     families = {s.name: s.family for s in trainer.reg.layers}
     made_by = {
         path_name(path): {"method": method, "k": k, "family": families.get(path_name(path), "none")}

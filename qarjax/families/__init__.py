@@ -24,8 +24,8 @@ Adding a family is one new module (or one class in a notebook)::
 ``v`` is the layer's variables by suffix (``range``: the [lo, hi] fixed at the start; ``k``:
 its K, for families with a grid; plus the family's own, e.g. ``reps``); ``s`` the run-wide
 `Settings`. What a sweep needs to know about a family is on its class too: `k_free`,
-`baseline_lambda`, `step_factor` and `quantizer` (the post-training quantizer ``auto``
-means for it: `qarjax.quantize.QUANTIZERS`). The math: docs/regularizers.md.
+`baseline_lambda`, `step_factor`, `has_penalty` and `quantizer` (the post-training quantizer
+``auto`` means for it: `qarjax.quantize.QUANTIZERS`). The math: docs/regularizers.md.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class Family:
     # bench_regularizers.py; the figures: results/design_measurements.md).
     baseline_lambda: ClassVar[float | None] = None
     step_factor: ClassVar[float] = 1.1
+    has_penalty: ClassVar[bool] = True  # a loss term weighted by lambda (a sweep tunes it)
 
     @property
     def k_free(self) -> bool:
@@ -149,6 +150,8 @@ def family(name: str) -> Family:
 
 class NoPenalty(Family):
     """A family without a loss term: none, and the methods that live in the forward pass."""
+
+    has_penalty = False
 
     def value(self, w, v, s):
         return jnp.zeros((), jnp.float32)
