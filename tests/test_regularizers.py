@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qarjax import regularizers as R
+from qarjax.families.dynamic import UNROLL_MAX
 
 # ----------------------------------------------------------------------------- float64 refs
 
@@ -64,6 +65,29 @@ def test_sine_and_cosine_values(k):
         assert mean == pytest.approx(ref(W, k, LO, HI).mean(), rel=2e-4)
 
 
+@pytest.mark.parametrize("k", [2, 16, 255])
+def test_sine_and_cosine_are_exact_to_float32_on_a_dense_grid(k):
+    """The terms use a polynomial for sin^2 (XLA:CPU's sin is slow): checked against float64
+    everywhere in and around the range, values and gradients, to float32 resolution."""
+    w = np.linspace(LO - 0.02, HI + 0.02, 20_001)
+    w32 = jnp.asarray(w, jnp.float32)
+    w = np.asarray(w32, np.float64)  # the same points, so only the arithmetic differs
+    for fn, ref, h in (
+        (R.sine, ref_sine, (HI - LO) / (k - 1)),
+        (R.cosine, ref_cosine, (HI - LO) / k),
+    ):
+        scale = (h / np.pi) ** 2
+        got = np.asarray(fn(w32, k=k, lo=LO, hi=HI, reduction="none"), np.float64)
+        # float32 resolves u = (w - lo) / h <= K to K 2^-23: sin^2(pi u) to 2 pi K 2^-23
+        atol = 4 * np.pi * k * 2.0**-23 * scale
+        np.testing.assert_allclose(got, ref(w, k, LO, HI), rtol=1e-6, atol=atol)
+        grad = np.asarray(jax.grad(lambda x: fn(x, k=k, lo=LO, hi=HI))(w32), np.float64)
+        step = 1e-9
+        want = (ref(w + step, k, LO, HI) - ref(w - step, k, LO, HI)) / (2 * step)
+        inside = (w > LO + 1e-4) & (w < HI - 1e-4)  # the cosine's walls at the range ends
+        np.testing.assert_allclose(grad[inside], want[inside], rtol=0, atol=3e-4 * h)
+
+
 def test_dynamic_values():
     w32, c32 = jnp.asarray(W, jnp.float32), jnp.asarray(REPS, jnp.float32)
     got = R.nearest(w32, c32, reduction="none")
@@ -108,6 +132,23 @@ def test_dynamic_gradients_match_finite_differences():
     want_c = numeric_grad(lambda c: ref_softmin(W, c, tau).sum(), REPS)
     np.testing.assert_allclose(gw, want_w, rtol=5e-3, atol=1e-6)
     np.testing.assert_allclose(gc, want_c, rtol=5e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [4, 8, UNROLL_MAX + 8])  # unrolled; padded; vectorized
+def test_softmin_forms_match_the_reference_with_padded_representatives(size):
+    w32 = jnp.asarray(W, jnp.float32)
+    padded = np.concatenate([REPS, np.full(size - len(REPS), REPS[-1])])
+    c32, mask = jnp.asarray(padded, jnp.float32), jnp.arange(size) < len(REPS)
+    tau = 2e-4
+    got = R.softmin(w32, c32, temperature=tau, mask=mask, reduction="none")
+    np.testing.assert_allclose(got, ref_softmin(W, REPS, tau), rtol=1e-3, atol=1e-9)
+    grad = jax.grad(lambda w, c: R.softmin(w, c, temperature=tau, mask=mask), argnums=(0, 1))
+    gw, gc = grad(w32, c32)
+    want_w = numeric_grad(lambda x: ref_softmin(x, REPS, tau).sum(), W)
+    want_c = numeric_grad(lambda c: ref_softmin(W, c, tau).sum(), REPS)
+    np.testing.assert_allclose(gw, want_w, rtol=5e-3, atol=1e-6)
+    np.testing.assert_allclose(gc[: len(REPS)], want_c, rtol=5e-3, atol=1e-6)
+    assert np.all(np.asarray(gc[len(REPS) :]) == 0)  # the padding gets no gradient, no NaN
 
 
 def test_nearest_pulls_reps_to_their_cluster_means():
