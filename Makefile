@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python experiments/bench_train.py --out runs/bench_train.json
 	$(BIN)/python experiments/bench_regularizers.py --out runs/bench_regularizers.json
 	$(BIN)/python experiments/bench_quantize.py --out runs/bench_quantize.json
+	$(BIN)/python experiments/bench_stages.py --out runs/bench_stages.json
 
 lint: install
 	$(BIN)/ruff check qarjax configs experiments tests
