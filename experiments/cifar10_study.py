@@ -48,6 +48,7 @@ from qarjax.families import family
 from qarjax.files import write_json_atomic
 from qarjax.loop import fit
 from qarjax.pipeline import quantize_stage, tune_stage, tuning_trainer
+from qarjax.report import plot_weights
 from qarjax.spec import build, load_data
 from qarjax.train import Trainer
 
@@ -430,6 +431,9 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
         lines += ["", "Compression ratio against float32: "
                   + ", ".join(f"K = {k}: x{v:.1f}" for k, v in ratios.items()), ""]  # fmt: skip
         lines += claims(model, ks, groups) + searches(model, rows) + stage_times(model, rows)
+        figure = f"{out.name}_weights_{model}.png"
+        if (out.parent / figure).exists():  # written by --histograms
+            lines += [f"![{model}: one layer's weights and codebooks]({figure})", ""]
     stages = {s: sum(r[f"{s}_seconds"] for r in rows) for s in ("quantize", "tune")}
 
     train = sum({trained_once(r): r["train_seconds"] for r in rows}.values())
@@ -547,6 +551,34 @@ def stage_times(model: str, rows: list[dict]) -> list[str]:
     ]
 
 
+def weight_histograms(sweep: Sweep, model: str, rows: list[dict], out: Path) -> Path:
+    """One layer's trained weights with their codebooks (red), the plain model (its k-means
+    centroids) against the penalty family with the best pre-tuning accuracy at the smallest
+    K, both quantized again from their runs in the workdir (seed 0); the layer: the largest
+    kernel. Writes `<out>_weights_<model>.png`."""
+    k = min(sweep.args.ks)
+    mine = [r for r in rows if r["model"] == model and r["k"] == k and r["seed"] == 0]
+    penalized = [r for r in mine if r["method"] in (*PENALTY["static"], *PENALTY["dynamic"])]
+    if not penalized or not any(r["method"] == "none+kmeans" for r in mine):
+        raise SystemExit(f"{model}: no finished plain and penalty cells at K = {k}")
+    best = max(penalized, key=lambda r: r["pre_tuning_accuracy"])
+    lam = best.get("lam") if "lambda_search" in best else None
+    drawn = {}
+    for cell in (Cell(model, "none", k, 0, "kmeans"), Cell(model, best["method"], k, 0, lam=lam)):
+        result, _ = sweep.train(cell)
+        q = quantize_stage(result.trainer, result.state, sweep.spec_for(cell))
+        drawn[cell.label] = (result.state.params, q.layers)
+    name = max(drawn["none+kmeans"][1], key=lambda n: drawn["none+kmeans"][1][n].indices.size)
+    params = {label: jax.device_get(p) for label, (p, _) in drawn.items()}
+    layers = {
+        f"{label}: {name}": dataclasses.replace(layers[name], path=(label, *layers[name].path))
+        for label, (_, layers) in drawn.items()
+    }
+    path = out.parent / f"{out.name}_weights_{model}.png"
+    plot_weights(path, params, layers, f"{model}, K = {k}: trained weights and codebooks")
+    return path
+
+
 def plot(rows, out: Path) -> None:
     import matplotlib
 
@@ -586,6 +618,12 @@ def parse_args(argv=None):
         "--summarize",
         action="store_true",
         help="write the table from the finished cells in --workdir; train nothing",
+    )
+    parser.add_argument(
+        "--histograms",
+        action="store_true",
+        help="with the trained runs in --workdir: one layer's weights and codebooks, plain "
+        "against the best penalty family, then the table (as --summarize)",
     )
     parser.add_argument(
         "--from-scratch",
@@ -633,12 +671,15 @@ def main(argv=None) -> int:
         print_plan(cells, args)
         return 0
     workdir = Path(args.workdir)
-    if args.summarize:
+    if args.summarize or args.histograms:
         found = [workdir / "cells" / f"{c.name}.json" for c in cells]
         rows = [json.loads(f.read_text()) for f in found if f.exists()]
         if not rows:
             print(f"no finished cells in {workdir / 'cells'}", file=sys.stderr)
             return 2
+        if args.histograms:  # from the trained runs in the workdir
+            for model in args.models:
+                print(f"wrote {weight_histograms(Sweep(args), model, rows, Path(args.out))}")
         summarize(rows, Path(args.out), args, 0.0)
         print(f"wrote {args.out}.md ({len(rows)} of {len(cells)} cells)")
         return 0

@@ -98,5 +98,7 @@ def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path,
     page = (tmp_path / "out" / "table.md").read_text()
     assert "| sine | " in page and f"**{best['lam']:g}** = " in page
     assert "lambda_search" not in (tmp_path / "out" / "table.csv").read_text()
+    assert study.main([*argv, "--histograms"]) == 0  # plain against sine, one layer
+    assert "table_weights_cnn_small.png)" in (tmp_path / "out" / "table.md").read_text()
     plan = study.main([*argv, "--plan", "--images-per-second", "cnn_small=1000"])
     assert plan == 0 and "lambda search 0." in capsys.readouterr().out
