@@ -82,6 +82,7 @@ class Cell:
     seed: int
     method: str = "auto"  # the plain model: kmeans or uniform
     lam: float | None = None  # lambda in place of the config's (a search's trial or choice)
+    start: int | None = None  # reg.start_epoch in place of the config's (the same)
 
     @property
     def label(self) -> str:
@@ -95,7 +96,7 @@ class Cell:
     def training(self) -> tuple:
         """The training run this cell quantizes (shared by the cells of a K-free family)."""
         k = None if family(self.family).k_free else self.k
-        return self.model, self.family, self.seed, k, self.lam
+        return self.model, self.family, self.seed, k, self.lam, self.start
 
 
 def ordered_cells(args) -> list[Cell]:
@@ -154,12 +155,15 @@ class Sweep:
             self.dataset = load_data(spec.data)  # the CLI's loader
         return self.dataset
 
-    def spec_for(self, cell: Cell, branch_from: str = ""):
+    def spec_for(self, cell: Cell, branch_from: str = "", branch_epoch: int = -1):
         """The run spec of `cell`: its config built and checked once."""
         config = base_config(cell.model, cell.family, self.args)
         config.seed = cell.seed
         if cell.lam is not None:
             config.reg.lam = cell.lam
+        if cell.start is not None:
+            config.reg.start_epoch = cell.start
+        config.branch_epoch = branch_epoch
         config.reg.k = cell.k
         config.quant.method, config.quant.k = cell.method, cell.k
         config.branch_from = branch_from
@@ -170,13 +174,20 @@ class Sweep:
         if cell.training in self.runs:
             return self.runs[cell.training]
         shared = cell.family != "none" and not self.args.from_scratch
-        branch_from = ""
+        branch_from, branch_epoch = "", -1
         if shared:  # the plain run it branches off comes first
             plain = Cell(cell.model, "none", cell.k, cell.seed, "kmeans")
             self.train(plain)
             branch_from = str(self.run_dir(plain.training))
-        spec = self.spec_for(cell, branch_from)
-        key = (cell.model, cell.family, cell.seed, cell.lam)  # lambda is compiled in
+            if cell.start is not None:  # its latest checkpoint at or before the start
+                kept = [int(p.name) for p in Path(branch_from, "checkpoints").iterdir()
+                        if p.name.isdigit() and int(p.name) <= cell.start]  # fmt: skip
+                if not kept:
+                    raise SystemExit(f"{branch_from} keeps no checkpoint at or before epoch "
+                                     f"{cell.start} to start regularizing from")  # fmt: skip
+                branch_epoch = max(kept)
+        spec = self.spec_for(cell, branch_from, branch_epoch)
+        key = (cell.model, cell.family, cell.seed, cell.lam, cell.start)  # compiled in
         if key not in self.trainers:
             self.trainers[key] = Trainer(spec, self.data(spec))
         # resume: a finished run is restored, a killed one continues from its checkpoint.
@@ -185,8 +196,8 @@ class Sweep:
         return self.runs[cell.training]
 
     def run_dir(self, training) -> Path:
-        model, name, seed, k, lam = training
-        at = "" if lam is None else f"_lam{lam:g}"
+        model, name, seed, k, lam, start = training
+        at = ("" if lam is None else f"_lam{lam:g}") + ("" if start is None else f"_e{start}")
         return self.workdir / f"{model}_{name}_k{k or 'any'}_s{seed}{at}" / "train"
 
     # ------------------------------------------------------------- the lambda search
@@ -195,39 +206,55 @@ class Sweep:
         return bool(self.args.search_lambdas) and family(cell.family).has_penalty
 
     def chosen_lambda(self, cell: Cell) -> dict:
-        """The lambda search of `cell`'s (model, family): one trial per multiplier of the
-        family's lambda, each the cell's regularized phase at the smallest K of the sweep
-        (seed 0), scored by its pre-tuning accuracy on the held-out training images (never
-        the test set). Saved under --workdir/search, so a rerun reuses it; the trial that
-        wins is the cell's own training at that K."""
+        """The search of `cell`'s (model, family): one trial per multiplier of the family's
+        lambda, then, at the winning lambda, one per extra start epoch; each trains the
+        regularized phase at the smallest K of the sweep (seed 0) and is scored by its
+        pre-tuning accuracy on the held-out training images (never the test set). Saved under
+        --workdir/search, so a rerun reuses it; the trial that wins is the cell's own training
+        at that K."""
         path = self.workdir / "search" / f"{cell.model}_{cell.family}.json"
         grid = sorted(self.args.search_lambdas, reverse=True)
-        if path.exists():
-            found = json.loads(path.read_text())
-            if found["multipliers"] == grid and found["k"] == min(self.args.ks):
-                return found
-        base = base_config(cell.model, cell.family, self.args).reg.lam
-        k, trials = min(self.args.ks), []
-        for multiplier in grid:
-            trial = dataclasses.replace(cell, k=k, seed=0, method="auto", lam=base * multiplier)
-            result, seconds = self.train(trial)
-            began = time.perf_counter()
-            spec = self.spec_for(trial)
-            holdout = result.trainer.device_data(self.validation(spec))
-            q = quantize_stage(result.trainer, result.state, spec, data=holdout)
-            trials.append({
-                "lam": trial.lam, "train_seconds": seconds,
-                "score_seconds": time.perf_counter() - began,
-                "holdout_fp_accuracy": q.metadata["fp_accuracy"],
-                "holdout_pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
-                "live_min": live_levels(q.layers),
-            })  # fmt: skip
-        best = max(trials, key=lambda t: t["holdout_pre_tuning_accuracy"])
-        found = {"model": cell.model, "family": cell.family, "k": k, "multipliers": grid,
-                 "base_lambda": base, "lam": best["lam"], "trials": trials}  # fmt: skip
+        starts = sorted(self.args.search_start_epochs or [])
+        config = base_config(cell.model, cell.family, self.args)
+        k = min(self.args.ks)
+        found = json.loads(path.read_text()) if path.exists() else None
+        if found is None or found["multipliers"] != grid or found["k"] != k:
+            trials = [self.trial(cell, k, config.reg.lam * m, None) for m in grid]
+            found = {"model": cell.model, "family": cell.family, "k": k, "multipliers": grid,
+                     "base_lambda": config.reg.lam, "trials": trials}  # fmt: skip
+        for trial in found["trials"]:  # searches saved before start epochs were searched
+            trial.setdefault("start", None)
+            trial.setdefault("start_epoch", config.reg.start_epoch)
+        if found.get("start_epochs", []) != starts:
+            lam = max(found["trials"], key=score)["lam"]
+            done = {t["start"] for t in found["trials"] if t["lam"] == lam}
+            found["trials"] += [self.trial(cell, k, lam, e) for e in starts if e not in done]
+            found["start_epochs"] = starts
+        best = max(found["trials"], key=score)
+        found.update(lam=best["lam"], start=best["start"], start_epoch=best["start_epoch"])
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, found)
         return found
+
+    def trial(self, cell: Cell, k: int, lam: float, start: int | None) -> dict:
+        """One trial of the search: trained (or restored) and scored on the held-out images."""
+        trial = dataclasses.replace(cell, k=k, seed=0, method="auto", lam=lam, start=start)
+        result, seconds = self.train(trial)
+        began = time.perf_counter()
+        spec = self.spec_for(trial)
+        holdout = result.trainer.device_data(self.validation(spec))
+        q = quantize_stage(result.trainer, result.state, spec, data=holdout)
+        out = {
+            "lam": lam, "start": start, "start_epoch": spec.reg.start_epoch,
+            "train_seconds": seconds, "score_seconds": time.perf_counter() - began,
+            "holdout_fp_accuracy": q.metadata["fp_accuracy"],
+            "holdout_pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
+            "live_min": live_levels(q.layers),
+        }  # fmt: skip
+        print(f"   search {cell.model} {cell.family}: lambda {lam:g}, start epoch "
+              f"{out['start_epoch']}: held-out pre-tuning {out['holdout_pre_tuning_accuracy']:.3f}"
+              f" [fp {out['holdout_fp_accuracy']:.3f}]", flush=True)  # fmt: skip
+        return out
 
     def validation(self, spec):
         """The held-out training images as a dataset's test split (the search's scores)."""
@@ -240,7 +267,7 @@ class Sweep:
     def run(self, cell: Cell) -> dict:
         search = self.chosen_lambda(cell) if self.searched(cell) else None
         if search:
-            cell = dataclasses.replace(cell, lam=search["lam"])
+            cell = dataclasses.replace(cell, lam=search["lam"], start=search.get("start"))
         spec = self.spec_for(cell)
         result, train_seconds = self.train(cell)
         t0 = time.perf_counter()
@@ -269,7 +296,13 @@ class Sweep:
             "train_seconds": train_seconds, "quantize_seconds": t1 - t0,
             "tune_seconds": t2 - t1,
             "lam": spec.reg.lam if family(cell.family).has_penalty else None,
+            "start_epoch": spec.reg.start_epoch,
         } | ({"lambda_search": search} if search else {})  # fmt: skip
+
+
+def score(trial: dict) -> float:
+    """What the search maximizes: pre-tuning accuracy on the held-out training images."""
+    return trial["holdout_pre_tuning_accuracy"]
 
 
 def live_levels(quantized: dict) -> int:
@@ -320,13 +353,14 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
     # the lambda search: per (model, penalty family) its other trials (the winner at the
     # smallest K is that cell's own training), each scored like a quantize stage
     grid = args.search_lambdas or []
+    extra = len(grid) - 1 + len(args.search_start_epochs or [])
     for model, name in {(c.model, c.family) for c in cells if family(c.family).has_penalty}:
         if not grid:
             break
         config = base_config(model, name, args)
         epoch = n_train / images_per_second[model]
         phase = (config.num_epochs - config.reg.start_epoch) * epoch * family(name).step_factor
-        total["search"] += (len(grid) - 1) * phase + len(grid) * args.quantize_seconds
+        total["search"] += extra * phase + (extra + 1) * args.quantize_seconds
     total["all"] = sum(total.values())
     return total
 
@@ -519,17 +553,21 @@ def searches(model: str, rows: list[dict]) -> list[str]:
         "Lambda per family, chosen on the 5,000 held-out training images (never the test set): "
         "each trial trains the regularized phase at K = "
         f"{next(iter(found.values()))['k']} and is scored by its pre-tuning accuracy there "
-        "[full precision]; the winner (bold) serves every K:",
+        '[full precision]; a later start epoch ("from epoch E") is tried at the winning '
+        "lambda; the winner (bold) serves every K:",
         "",
         "| family | trials: lambda = held-out pre-tuning [full precision] | CPU min |",
         "| --- | --- | --- |",
     ]
     for name, search in found.items():
-        trials = [
-            (f"**{t['lam']:g}**" if t["lam"] == search["lam"] else f"{t['lam']:g}")
-            + f" = {t['holdout_pre_tuning_accuracy']:.3f} [{t['holdout_fp_accuracy']:.3f}]"
-            for t in search["trials"]
-        ]
+        trials = []
+        for t in search["trials"]:
+            label = f"{t['lam']:g}" + (f" from epoch {t['start']}" if t.get("start") else "")
+            won = (t["lam"], t.get("start")) == (search["lam"], search.get("start"))
+            trials.append(
+                (f"**{label}**" if won else label)
+                + f" = {t['holdout_pre_tuning_accuracy']:.3f} [{t['holdout_fp_accuracy']:.3f}]"
+            )
         minutes = sum(t["train_seconds"] + t["score_seconds"] for t in search["trials"]) / 60
         lines.append(f"| {name} | {'; '.join(trials)} | {minutes:.1f} |")
     return [*lines, ""]
@@ -654,6 +692,13 @@ def parse_args(argv=None):
         default=None,
         help="multipliers of each penalty family's lambda: one trial each at the smallest K, "
         "scored on the held-out training images; every K then uses the winner",
+    )
+    parser.add_argument(
+        "--search-start-epochs",
+        type=lambda s: [int(e) for e in s.split(",")],
+        default=None,
+        help="with --search-lambdas: reg.start_epoch values tried at the winning lambda, "
+        "besides the config's (a trial branches off the plain run's latest checkpoint before)",
     )
     parser.add_argument(
         "--holdout", type=int, default=None, help="training images held out (the config's)"

@@ -81,7 +81,7 @@ def test_sine_and_cosine_are_exact_to_float32_on_a_dense_grid(k):
         # float32 resolves u = (w - lo) / h <= K to K 2^-23: sin^2(pi u) to 2 pi K 2^-23
         atol = 4 * np.pi * k * 2.0**-23 * scale
         np.testing.assert_allclose(got, ref(w, k, LO, HI), rtol=1e-6, atol=atol)
-        grad = np.asarray(jax.grad(lambda x: fn(x, k=k, lo=LO, hi=HI))(w32), np.float64)
+        grad = np.asarray(jax.grad(lambda x, fn=fn: fn(x, k=k, lo=LO, hi=HI))(w32), np.float64)
         step = 1e-9
         want = (ref(w + step, k, LO, HI) - ref(w - step, k, LO, HI)) / (2 * step)
         inside = (w > LO + 1e-4) & (w < HI - 1e-4)  # the cosine's walls at the range ends

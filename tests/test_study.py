@@ -48,7 +48,7 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     assert [r["method"] for r in rows[:3]] == ["none+kmeans", "none+uniform", "softmin"]
     assert {r["k"] for r in rows} == {2, 4} and len(rows) == 6
     for family in ("softmin",):  # K = 4 and K = 2 ran on one compiled step
-        assert sweep.trainers[("cnn_small", family, 0, None)].trace_count == 1
+        assert sweep.trainers[("cnn_small", family, 0, None, None)].trace_count == 1
     assert sweep.tuners["cnn_small"].trainer.trace_count == 1
     for row in rows:
         assert row["live_min"] == row["k"], row  # no collapsed cell, softmin K = 2 included
@@ -57,8 +57,8 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
         training: len(read_jsonl(sweep.run_dir(training) / "metrics.jsonl"))
         for training in sweep.runs
     }
-    assert epochs_trained[("cnn_small", "none", 0, None, None)] == 2
-    assert epochs_trained[("cnn_small", "softmin", 0, 2, None)] == 1
+    assert epochs_trained[("cnn_small", "none", 0, None, None, None)] == 2
+    assert epochs_trained[("cnn_small", "softmin", 0, 2, None, None)] == 1
 
     study.main(common)  # finishes the sweep, reusing the cell and the trained runs on disk
     table = (tmp_path / "out" / "table.md").read_text()
@@ -73,24 +73,33 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
 def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path, capsys):
     folder = write_image_folder(tmp_path / "imgs", per_class=(80, 8), size=16)
     argv = [
-        "--scale", "cpu", "--methods", "none,sine", "--ks", "2", "--epochs", "2",
+        "--scale", "cpu", "--methods", "none,sine", "--ks", "2", "--epochs", "5",
         "--dataset", f"imagefolder:{folder}", "--workdir", str(tmp_path / "w"),
         "--out", str(tmp_path / "out" / "table"), "--holdout", "40",
-        "--search-lambdas", "0.1,1",
+        "--search-lambdas", "0.1,1", "--search-start-epochs", "4",
     ]  # fmt: skip
     args = study.parse_args(argv)
     sweep = study.Sweep(args)
     rows = [sweep.run(cell) for cell in study.ordered_cells(args)]
     sine = rows[-1]
     search = sine["lambda_search"]
-    base = study.base_config("cnn_small", "sine", args).reg.lam
-    assert [t["lam"] for t in search["trials"]] == pytest.approx([base, 0.1 * base])
-    best = max(search["trials"], key=lambda t: t["holdout_pre_tuning_accuracy"])
-    assert sine["lam"] == best["lam"] == search["lam"]
+    config = study.base_config("cnn_small", "sine", args)
+    base, start = config.reg.lam, config.reg.start_epoch  # 3 of 5 epochs
+    lambdas, later = search["trials"][:2], search["trials"][2]
+    assert [t["lam"] for t in lambdas] == pytest.approx([base, 0.1 * base])
+    assert [t["start_epoch"] for t in lambdas] == [start, start]
+    assert later["start_epoch"] == 4 and later["lam"] == max(lambdas, key=study.score)["lam"]
+    best = max(search["trials"], key=study.score)
+    assert (sine["lam"], sine["start_epoch"]) == (best["lam"], best["start_epoch"])
     assert len(sweep.holdout.test_labels) == 40  # scored on the held-out training images
-    # the winner is the cell's own training: two sine runs in all, not three
+    # the winner is the cell's own training: three sine runs in all, not four
     sine_runs = [t for t in sweep.runs if t[1] == "sine"]
-    assert sorted(t[4] for t in sine_runs) == pytest.approx(sorted([base, 0.1 * base]))
+    assert len(sine_runs) == 3
+    later_run = sweep.run_dir(("cnn_small", "sine", 0, 2, later["lam"], 4))
+    plain = sweep.run_dir(("cnn_small", "none", 0, None, None, None)) / "checkpoints"
+    branch = max(int(p.name) for p in plain.iterdir() if p.name.isdigit() and int(p.name) <= 4)
+    epochs = [m["epoch"] for m in read_jsonl(later_run / "metrics.jsonl")]
+    assert epochs == list(range(branch + 1, 6))  # from the plain run's checkpoint before 4
     assert (tmp_path / "w" / "search" / "cnn_small_sine.json").exists()
     assert rows[0]["lam"] is None  # the plain run has no lambda
 
@@ -98,6 +107,8 @@ def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path,
     page = (tmp_path / "out" / "table.md").read_text()
     assert "| sine | " in page and f"**{best['lam']:g}** = " in page
     assert "lambda_search" not in (tmp_path / "out" / "table.csv").read_text()
+    with pytest.raises(SystemExit, match="no checkpoint at or before epoch 1"):
+        study.main([*argv, "--search-start-epochs", "1,4", "--methods", "cosine"])
     assert study.main([*argv, "--histograms"]) == 0  # plain against sine, one layer
     assert "table_weights_cnn_small.png)" in (tmp_path / "out" / "table.md").read_text()
     plan = study.main([*argv, "--plan", "--images-per-second", "cnn_small=1000"])
