@@ -640,12 +640,17 @@ def plot(rows, out: Path) -> None:
     plt.close(fig)
 
 
+def numbers(kind):
+    """An argparse type: a comma-separated list of `kind`."""
+    return lambda text: [kind(x) for x in text.split(",")]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--models", type=lambda s: s.split(","), default=None)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=METHODS)
-    parser.add_argument("--ks", type=lambda s: [int(k) for k in s.split(",")], default=None)
+    parser.add_argument("--ks", type=numbers(int), default=None)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--dataset", default=None)
@@ -688,14 +693,14 @@ def parse_args(argv=None):
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument(
         "--search-lambdas",
-        type=lambda s: [float(m) for m in s.split(",")],
+        type=numbers(float),
         default=None,
         help="multipliers of each penalty family's lambda: one trial each at the smallest K, "
         "scored on the held-out training images; every K then uses the winner",
     )
     parser.add_argument(
         "--search-start-epochs",
-        type=lambda s: [int(e) for e in s.split(",")],
+        type=numbers(int),
         default=None,
         help="with --search-lambdas: reg.start_epoch values tried at the winning lambda, "
         "besides the config's (a trial branches off the plain run's latest checkpoint before)",
