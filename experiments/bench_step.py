@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-from benchlib import bench_config, device_name, median, synthetic_cifar, write_json
+from benchlib import bench_config, cpu_info, device_name, median, synthetic_cifar, write_json
 from flax import nnx
 
 from qarjax import data as data_lib
@@ -36,26 +35,21 @@ from qarjax.models import create_model
 from qarjax.train import Trainer
 
 
-def cpu_peak(flops_per_cycle: int) -> dict:
+def cpu_peak(flops_per_cycle: int | None = None) -> dict:
     """The CPU's peak float32 FLOP/s: cores (JAX's threads) x clock x `flops_per_cycle`.
 
     32 per cycle is an AVX-512 core with two 256-bit FMA pipes (AMD Zen 4: 2 pipes x 8 lanes x
-    2 FLOPs, 512-bit instructions issued as two halves); a core with two 512-bit FMA units
-    (Intel Xeon, AMD Zen 5) does 64. The clock is /proc/cpuinfo's current MHz (a VM may
-    report its nominal clock)."""
-    cores = os.cpu_count() or 1
-    mhz, model = 0.0, platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("cpu MHz") and not mhz:
-                mhz = float(line.split(":")[1])
-            if line.startswith("model name"):
-                model = line.split(":")[1].strip()
-    except OSError:
-        pass
-    peak = cores * mhz * 1e6 * flops_per_cycle
-    return {"cpu": model, "cores": cores, "mhz": mhz, "flops_per_cycle": flops_per_cycle,
-            "peak_flops": peak}  # fmt: skip
+    2 FLOPs, 512-bit instructions issued as two halves) or an AVX2 core with two 256-bit FMA
+    units; a core with two 512-bit FMA units (Intel Xeon Gold / Platinum, AMD Zen 5) does 64.
+    None: 64 for an Intel CPU with AVX-512, else 32 (an assumption: pass the figure of your
+    CPU). The clock is /proc/cpuinfo's current MHz (a VM may report its nominal clock)."""
+    info = cpu_info()
+    if flops_per_cycle is None:
+        intel_512 = "Intel" in info["cpu"] and "avx512f" in info["flags"]
+        flops_per_cycle = 64 if intel_512 else 32
+    peak = info["cores"] * info["mhz"] * 1e6 * flops_per_cycle
+    return {"cpu": info["cpu"], "cores": info["cores"], "mhz": info["mhz"],
+            "flops_per_cycle": flops_per_cycle, "peak_flops": peak}  # fmt: skip
 
 
 def bare_step(name: str, width: float, data, batch_size: int):
@@ -148,7 +142,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per contender per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--flops-per-cycle", type=int, default=32)
+    parser.add_argument("--flops-per-cycle", type=int, default=None, help="default: see cpu_peak")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sizes = dict(kv.split("=") for kv in args.batch_size.split(",")) if "=" in args.batch_size \

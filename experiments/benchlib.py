@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,9 +42,36 @@ def time_epoch(trainer, state, epoch: int):
     return state, time.perf_counter() - began
 
 
+def cpu_info() -> dict:
+    """The host CPU: its model name, cores and /proc/cpuinfo's clock (a VM may report its
+    nominal clock, or none), and whether it has AVX-512 and AMX."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count() or 1,
+            "mhz": 0.0, "flags": []}  # fmt: skip
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu MHz" and not info["mhz"]:
+                info["mhz"] = float(value)
+            elif key.strip() == "model name":
+                info["cpu"] = value.strip()
+            elif key.strip() == "flags" and not info["flags"]:
+                have = set(value.split())
+                info["flags"] = [
+                    f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in have
+                ]
+    except OSError:
+        pass
+    return info
+
+
 def device_name() -> str:
+    """The device the figures come from: on a CPU, which CPU (machines here differ)."""
     d = jax.devices()[0]
-    return f"{jax.device_count()} x {d.device_kind} ({d.platform})"
+    name = f"{jax.device_count()} x {d.device_kind} ({d.platform})"
+    if d.platform == "cpu":
+        cpu = cpu_info()
+        name += f": {cpu['cpu']}, {cpu['cores']} cores, {' '.join(cpu['flags'])}"
+    return name
 
 
 def write_json(path: str | None, payload: dict) -> None:
