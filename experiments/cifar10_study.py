@@ -569,7 +569,10 @@ def searches(model: str, rows: list[dict]) -> list[str]:
                 + f" = {t['holdout_pre_tuning_accuracy']:.3f} [{t['holdout_fp_accuracy']:.3f}]"
             )
         minutes = sum(t["train_seconds"] + t["score_seconds"] for t in search["trials"]) / 60
-        lines.append(f"| {name} | {'; '.join(trials)} | {minutes:.1f} |")
+        grid = [t["lam"] for t in search["trials"] if not t.get("start")]
+        edge = {max(grid): " (the largest tried)", min(grid): " (the smallest tried)"}
+        note = edge.get(search["lam"], "") if len(grid) > 1 else ""
+        lines.append(f"| {name} | {'; '.join(trials)}{note} | {minutes:.1f} |")
     return [*lines, ""]
 
 
