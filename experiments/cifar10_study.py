@@ -219,7 +219,7 @@ class Sweep:
         k = min(self.args.ks)
         found = json.loads(path.read_text()) if path.exists() else None
         if found is None or found["multipliers"] != grid or found["k"] != k:
-            trials = [self.trial(cell, k, config.reg.lam * m, None) for m in grid]
+            trials = [self.trial(cell, k, float(f"{config.reg.lam * m:.6g}"), None) for m in grid]
             found = {"model": cell.model, "family": cell.family, "k": k, "multipliers": grid,
                      "base_lambda": config.reg.lam, "trials": trials}  # fmt: skip
         for trial in found["trials"]:  # searches saved before start epochs were searched
