@@ -145,7 +145,7 @@ class Sweep:
         self.args = args
         self.workdir = Path(args.workdir)
         self.dataset = None
-        self.trainers: dict = {}  # (model, family, seed, lam) -> Trainer
+        self.trainers: dict = {}  # (model, family, seed, lam, start) -> Trainer
         self.tuners: dict = {}  # model -> tuning Trainer
         self.runs: dict = {}  # Cell.training -> (FitResult, own train seconds)
         self.holdout = None  # the validation images of the lambda search
@@ -205,7 +205,7 @@ class Sweep:
     def searched(self, cell: Cell) -> bool:
         return bool(self.args.search_lambdas) and family(cell.family).has_penalty
 
-    def chosen_lambda(self, cell: Cell) -> dict:
+    def search(self, cell: Cell) -> dict:
         """The search of `cell`'s (model, family): one trial per multiplier of the family's
         lambda, then, at the winning lambda, one per extra start epoch; each trains the
         regularized phase at the smallest K of the sweep (seed 0) and is scored by its
@@ -265,7 +265,7 @@ class Sweep:
         return self.holdout
 
     def run(self, cell: Cell) -> dict:
-        search = self.chosen_lambda(cell) if self.searched(cell) else None
+        search = self.search(cell) if self.searched(cell) else None
         if search:
             cell = dataclasses.replace(cell, lam=search["lam"], start=search.get("start"))
         spec = self.spec_for(cell)
@@ -352,11 +352,9 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
         total["tune"] += config.quant.tune_epochs * epoch + 2 * n_test / ips / 3
     # the lambda search: per (model, penalty family) its other trials (the winner at the
     # smallest K is that cell's own training), each scored like a quantize stage
-    grid = args.search_lambdas or []
-    extra = len(grid) - 1 + len(args.search_start_epochs or [])
-    for model, name in {(c.model, c.family) for c in cells if family(c.family).has_penalty}:
-        if not grid:
-            break
+    searched = {(c.model, c.family) for c in cells if family(c.family).has_penalty}
+    extra = len(args.search_lambdas or []) - 1 + len(args.search_start_epochs or [])
+    for model, name in searched if args.search_lambdas else ():
         config = base_config(model, name, args)
         epoch = n_train / images_per_second[model]
         phase = (config.num_epochs - config.reg.start_epoch) * epoch * family(name).step_factor
@@ -603,9 +601,10 @@ def weight_histograms(sweep: Sweep, model: str, rows: list[dict], out: Path) -> 
     if not penalized or not any(r["method"] == "none+kmeans" for r in mine):
         raise SystemExit(f"{model}: no finished plain and penalty cells at K = {k}")
     best = max(penalized, key=lambda r: r["pre_tuning_accuracy"])
-    lam = best.get("lam") if "lambda_search" in best else None
+    search = best.get("lambda_search", {})  # the searched lambda and start: its run's name
+    chosen = Cell(model, best["method"], k, 0, lam=search.get("lam"), start=search.get("start"))
     drawn = {}
-    for cell in (Cell(model, "none", k, 0, "kmeans"), Cell(model, best["method"], k, 0, lam=lam)):
+    for cell in (Cell(model, "none", k, 0, "kmeans"), chosen):
         result, _ = sweep.train(cell)
         q = quantize_stage(result.trainer, result.state, sweep.spec_for(cell))
         drawn[cell.label] = (result.state.params, q.layers)
@@ -731,8 +730,9 @@ def main(argv=None) -> int:
             print(f"no finished cells in {workdir / 'cells'}", file=sys.stderr)
             return 2
         if args.histograms:  # from the trained runs in the workdir
+            sweep = Sweep(args)  # one loaded dataset for every model
             for model in args.models:
-                print(f"wrote {weight_histograms(Sweep(args), model, rows, Path(args.out))}")
+                print(f"wrote {weight_histograms(sweep, model, rows, Path(args.out))}")
         summarize(rows, Path(args.out), args, 0.0)
         print(f"wrote {args.out}.md ({len(rows)} of {len(cells)} cells)")
         return 0
