@@ -83,6 +83,7 @@ class Cell:
     method: str = "auto"  # the plain model: kmeans or uniform
     lam: float | None = None  # lambda in place of the config's (a search's trial or choice)
     start: int | None = None  # reg.start_epoch in place of the config's (the same)
+    init: str | None = None  # reg.init in place of the config's (the same)
 
     @property
     def label(self) -> str:
@@ -96,7 +97,7 @@ class Cell:
     def training(self) -> tuple:
         """The training run this cell quantizes (shared by the cells of a K-free family)."""
         k = None if family(self.family).k_free else self.k
-        return self.model, self.family, self.seed, k, self.lam, self.start
+        return self.model, self.family, self.seed, k, self.lam, self.start, self.init
 
 
 def ordered_cells(args) -> list[Cell]:
@@ -145,7 +146,7 @@ class Sweep:
         self.args = args
         self.workdir = Path(args.workdir)
         self.dataset = None
-        self.trainers: dict = {}  # (model, family, seed, lam, start) -> Trainer
+        self.trainers: dict = {}  # (model, family, seed, lam, start, init) -> Trainer
         self.tuners: dict = {}  # model -> tuning Trainer
         self.runs: dict = {}  # Cell.training -> (FitResult, own train seconds)
         self.holdout = None  # the validation images of the lambda search
@@ -163,6 +164,8 @@ class Sweep:
             config.reg.lam = cell.lam
         if cell.start is not None:
             config.reg.start_epoch = cell.start
+        if cell.init is not None:
+            config.reg.init = cell.init
         config.branch_epoch = branch_epoch
         config.reg.k = cell.k
         config.quant.method, config.quant.k = cell.method, cell.k
@@ -187,7 +190,7 @@ class Sweep:
                                      f"{cell.start} to start regularizing from")  # fmt: skip
                 branch_epoch = max(kept)
         spec = self.spec_for(cell, branch_from, branch_epoch)
-        key = (cell.model, cell.family, cell.seed, cell.lam, cell.start)  # compiled in
+        key = (cell.model, cell.family, cell.seed, cell.lam, cell.start, cell.init)  # compiled in
         if key not in self.trainers:
             self.trainers[key] = Trainer(spec, self.data(spec))
         # resume: a finished run is restored, a killed one continues from its checkpoint.
@@ -196,8 +199,9 @@ class Sweep:
         return self.runs[cell.training]
 
     def run_dir(self, training) -> Path:
-        model, name, seed, k, lam, start = training
+        model, name, seed, k, lam, start, init = training
         at = ("" if lam is None else f"_lam{lam:g}") + ("" if start is None else f"_e{start}")
+        at += "" if init is None else f"_init{init}"
         return self.workdir / f"{model}_{name}_k{k or 'any'}_s{seed}{at}" / "train"
 
     # ------------------------------------------------------------- the lambda search
@@ -205,9 +209,16 @@ class Sweep:
     def searched(self, cell: Cell) -> bool:
         return bool(self.args.search_lambdas) and family(cell.family).has_penalty
 
+    def inits(self, cell: Cell) -> list[str]:
+        """The representatives' initializations the search tries for `cell`'s family (those
+        with trainable representatives; the others have no reg.init to choose)."""
+        return list(self.args.search_inits or []) if family(cell.family).has_reps else []
+
     def search(self, cell: Cell) -> dict:
         """The search of `cell`'s (model, family): one trial per multiplier of the family's
-        lambda, then, at the winning lambda, one per extra start epoch; each trains the
+        lambda, then, at the winning lambda, one per extra start epoch, then, at the winning
+        lambda and start, one per other initialization of the representatives (the paper's
+        suggestion for bell-shaped weights: dynamic families only); each trains the
         regularized phase at the smallest K of the sweep (seed 0) and is scored by its
         pre-tuning accuracy on the held-out training images (never the test set). Saved under
         --workdir/search, so a rerun reuses it; the trial that wins is the cell's own training
@@ -230,30 +241,44 @@ class Sweep:
             done = {t["start"] for t in found["trials"] if t["lam"] == lam}
             found["trials"] += [self.trial(cell, k, lam, e) for e in starts if e not in done]
             found["start_epochs"] = starts
+        inits = self.inits(cell)
+        if found.get("inits", []) != inits:
+            best = max(found["trials"], key=score)
+            done = {t.get("init") for t in found["trials"]
+                    if (t["lam"], t["start"]) == (best["lam"], best["start"])}  # fmt: skip
+            found["trials"] += [self.trial(cell, k, best["lam"], best["start"], i)
+                                for i in inits if i not in done]  # fmt: skip
+            found["inits"] = inits
         best = max(found["trials"], key=score)
-        found.update(lam=best["lam"], start=best["start"], start_epoch=best["start_epoch"])
+        found.update(lam=best["lam"], start=best["start"], start_epoch=best["start_epoch"],
+                     init=best.get("init"))  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, found)
         return found
 
-    def trial(self, cell: Cell, k: int, lam: float, start: int | None) -> dict:
+    def trial(
+        self, cell: Cell, k: int, lam: float, start: int | None, init: str | None = None
+    ) -> dict:
         """One trial of the search: trained (or restored) and scored on the held-out images."""
-        trial = dataclasses.replace(cell, k=k, seed=0, method="auto", lam=lam, start=start)
+        trial = dataclasses.replace(cell, k=k, seed=0, method="auto", lam=lam, start=start,
+                                    init=init)  # fmt: skip
         result, seconds = self.train(trial)
         began = time.perf_counter()
         spec = self.spec_for(trial)
         holdout = result.trainer.device_data(self.validation(spec))
         q = quantize_stage(result.trainer, result.state, spec, data=holdout)
         out = {
-            "lam": lam, "start": start, "start_epoch": spec.reg.start_epoch,
-            "train_seconds": seconds, "score_seconds": time.perf_counter() - began,
+            "lam": lam, "start": start, "start_epoch": spec.reg.start_epoch, "init": init,
+            "init_method": spec.reg.init, "train_seconds": seconds,
+            "score_seconds": time.perf_counter() - began,
             "holdout_fp_accuracy": q.metadata["fp_accuracy"],
             "holdout_pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
             "live_min": live_levels(q.layers),
         }  # fmt: skip
         print(f"   search {cell.model} {cell.family}: lambda {lam:g}, start epoch "
-              f"{out['start_epoch']}: held-out pre-tuning {out['holdout_pre_tuning_accuracy']:.3f}"
-              f" [fp {out['holdout_fp_accuracy']:.3f}]", flush=True)  # fmt: skip
+              f"{out['start_epoch']}, init {spec.reg.init}: held-out pre-tuning "
+              f"{out['holdout_pre_tuning_accuracy']:.3f} [fp {out['holdout_fp_accuracy']:.3f}]",
+              flush=True)  # fmt: skip
         return out
 
     def validation(self, spec):
@@ -267,7 +292,9 @@ class Sweep:
     def run(self, cell: Cell) -> dict:
         search = self.search(cell) if self.searched(cell) else None
         if search:
-            cell = dataclasses.replace(cell, lam=search["lam"], start=search.get("start"))
+            cell = dataclasses.replace(
+                cell, lam=search["lam"], start=search.get("start"), init=search.get("init")
+            )
         spec = self.spec_for(cell)
         result, train_seconds = self.train(cell)
         t0 = time.perf_counter()
@@ -297,6 +324,7 @@ class Sweep:
             "tune_seconds": t2 - t1,
             "lam": spec.reg.lam if family(cell.family).has_penalty else None,
             "start_epoch": spec.reg.start_epoch,
+            "init": spec.reg.init if family(cell.family).has_reps else None,
         } | ({"lambda_search": search} if search else {})  # fmt: skip
 
 
@@ -552,7 +580,9 @@ def searches(model: str, rows: list[dict]) -> list[str]:
         "each trial trains the regularized phase at K = "
         f"{next(iter(found.values()))['k']} and is scored by its pre-tuning accuracy there "
         '[full precision]; a later start epoch ("from epoch E") is tried at the winning '
-        "lambda; the winner (bold) serves every K:",
+        'lambda, then other initializations of the representatives ("init I", dynamic '
+        "families; the others start from 1-D k-means of the weights) at the winning lambda and "
+        "start; the winner (bold) serves every K:",
         "",
         "| family | trials: lambda = held-out pre-tuning [full precision] | CPU min |",
         "| --- | --- | --- |",
@@ -561,13 +591,15 @@ def searches(model: str, rows: list[dict]) -> list[str]:
         trials = []
         for t in search["trials"]:
             label = f"{t['lam']:g}" + (f" from epoch {t['start']}" if t.get("start") else "")
-            won = (t["lam"], t.get("start")) == (search["lam"], search.get("start"))
+            label += f" init {t['init']}" if t.get("init") else ""
+            won = (t["lam"], t.get("start"), t.get("init")) == (
+                search["lam"], search.get("start"), search.get("init"))  # fmt: skip
             trials.append(
                 (f"**{label}**" if won else label)
                 + f" = {t['holdout_pre_tuning_accuracy']:.3f} [{t['holdout_fp_accuracy']:.3f}]"
             )
         minutes = sum(t["train_seconds"] + t["score_seconds"] for t in search["trials"]) / 60
-        grid = [t["lam"] for t in search["trials"] if not t.get("start")]
+        grid = [t["lam"] for t in search["trials"] if not t.get("start") and not t.get("init")]
         edge = {max(grid): " (the largest tried)", min(grid): " (the smallest tried)"}
         note = edge.get(search["lam"], "") if len(grid) > 1 else ""
         lines.append(f"| {name} | {'; '.join(trials)}{note} | {minutes:.1f} |")
@@ -602,7 +634,8 @@ def weight_histograms(sweep: Sweep, model: str, rows: list[dict], out: Path) -> 
         raise SystemExit(f"{model}: no finished plain and penalty cells at K = {k}")
     best = max(penalized, key=lambda r: r["pre_tuning_accuracy"])
     search = best.get("lambda_search", {})  # the searched lambda and start: its run's name
-    chosen = Cell(model, best["method"], k, 0, lam=search.get("lam"), start=search.get("start"))
+    chosen = Cell(model, best["method"], k, 0, lam=search.get("lam"), start=search.get("start"),
+                  init=search.get("init"))  # fmt: skip
     drawn = {}
     for cell in (Cell(model, "none", k, 0, "kmeans"), chosen):
         result, _ = sweep.train(cell)
@@ -706,6 +739,13 @@ def parse_args(argv=None):
         default=None,
         help="with --search-lambdas: reg.start_epoch values tried at the winning lambda, "
         "besides the config's (a trial branches off the plain run's latest checkpoint before)",
+    )
+    parser.add_argument(
+        "--search-inits",
+        type=lambda s: s.split(","),
+        default=None,
+        help="with --search-lambdas: reg.init values (quantile, uniform, kmeans) tried at the "
+        "winning lambda and start, for the families with trainable representatives",
     )
     parser.add_argument(
         "--holdout", type=int, default=None, help="training images held out (the config's)"

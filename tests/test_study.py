@@ -57,8 +57,8 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
         training: len(read_jsonl(sweep.run_dir(training) / "metrics.jsonl"))
         for training in sweep.runs
     }
-    assert epochs_trained[("cnn_small", "none", 0, None, None, None)] == 2
-    assert epochs_trained[("cnn_small", "softmin", 0, 2, None, None)] == 1
+    assert epochs_trained[("cnn_small", "none", 0, None, None, None, None)] == 2
+    assert epochs_trained[("cnn_small", "softmin", 0, 2, None, None, None)] == 1
 
     study.main(common)  # finishes the sweep, reusing the cell and the trained runs on disk
     table = (tmp_path / "out" / "table.md").read_text()
@@ -68,6 +68,36 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
         assert column in header
     cells = list((tmp_path / "w" / "cells").glob("*.json"))
     assert len(cells) == 6 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
+
+
+def test_the_search_tries_the_representatives_inits_of_dynamic_families_only(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", per_class=(80, 8), size=16)
+    argv = [
+        "--scale", "cpu", "--methods", "none,nearest", "--ks", "2", "--epochs", "4",
+        "--dataset", f"imagefolder:{folder}", "--workdir", str(tmp_path / "w"),
+        "--out", str(tmp_path / "out" / "table"), "--holdout", "40",
+        "--search-lambdas", "1", "--search-inits", "uniform",
+    ]  # fmt: skip
+    args = study.parse_args(argv)
+    sweep = study.Sweep(args)
+    assert sweep.inits(study.Cell("cnn_small", "sine", 2, 0)) == []  # no representatives
+    assert sweep.inits(study.Cell("cnn_small", "dkm", 2, 0)) == []
+    rows = [sweep.run(cell) for cell in study.ordered_cells(args)]
+    nearest = rows[-1]
+    trials = nearest["lambda_search"]["trials"]
+    assert [(t["init"], t["init_method"]) for t in trials] == [
+        (None, "kmeans"),
+        ("uniform", "uniform"),
+    ]
+    assert trials[0]["lam"] == trials[1]["lam"]  # at the winning lambda
+    best = max(trials, key=study.score)
+    assert nearest["init"] == best["init_method"]  # the cell trains with the winner's init
+    uniform = sweep.run_dir(("cnn_small", "nearest", 0, 2, trials[1]["lam"], None, "uniform"))
+    assert json.loads((uniform / "config.json").read_text())["reg"]["init"] == "uniform"
+    assert len([t for t in sweep.runs if t[1] == "nearest"]) == 2  # the winner is the cell's
+    study.main(argv)  # trains nothing new; the page lists the init trial
+    page = (tmp_path / "out" / "table.md").read_text()
+    assert f"{trials[1]['lam']:g} init uniform" in page and "| nearest | " in page
 
 
 def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path, capsys):
@@ -95,8 +125,8 @@ def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path,
     # the winner is the cell's own training: three sine runs in all, not four
     sine_runs = [t for t in sweep.runs if t[1] == "sine"]
     assert len(sine_runs) == 3
-    later_run = sweep.run_dir(("cnn_small", "sine", 0, 2, later["lam"], 4))
-    plain = sweep.run_dir(("cnn_small", "none", 0, None, None, None)) / "checkpoints"
+    later_run = sweep.run_dir(("cnn_small", "sine", 0, 2, later["lam"], 4, None))
+    plain = sweep.run_dir(("cnn_small", "none", 0, None, None, None, None)) / "checkpoints"
     branch = max(int(p.name) for p in plain.iterdir() if p.name.isdigit() and int(p.name) <= 4)
     epochs = [m["epoch"] for m in read_jsonl(later_run / "metrics.jsonl")]
     assert epochs == list(range(branch + 1, 6))  # from the plain run's checkpoint before 4

@@ -24,8 +24,9 @@ Adding a family is one new module (or one class in a notebook)::
 ``v`` is the layer's variables by suffix (``range``: the [lo, hi] fixed at the start; ``k``:
 its K, for families with a grid; plus the family's own, e.g. ``reps``); ``s`` the run-wide
 `Settings`. What a sweep needs to know about a family is on its class too: `k_free`,
-`baseline_lambda`, `step_factor`, `has_penalty` and `quantizer` (the post-training quantizer
-``auto`` means for it: `qarjax.quantize.QUANTIZERS`). The math: docs/regularizers.md.
+`baseline_lambda`, `step_factor`, `has_penalty`, `has_reps` and `quantizer` (the
+post-training quantizer ``auto`` means for it: `qarjax.quantize.QUANTIZERS`). The math:
+docs/regularizers.md.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class Family:
         """Whether training does not depend on K (no ``k`` variable): one trained run
         serves every K, which post-training quantization then picks."""
         return "k" not in self.suffixes
+
+    @property
+    def has_reps(self) -> bool:
+        """Whether the family trains representatives, which start from ``reg.init``."""
+        return "reps" in self.suffixes
 
     @property
     def quantizer(self) -> str:
