@@ -70,16 +70,23 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     assert len(cells) == 6 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
 
 
-def test_the_search_tries_the_representatives_inits_of_dynamic_families_only(tmp_path):
+def searched_sweep(tmp_path, methods: str, epochs: int, *search: str):
+    """The argv of a K = 2 sweep of `methods` with a search on 40 held-out images, and its
+    Sweep."""
     folder = write_image_folder(tmp_path / "imgs", per_class=(80, 8), size=16)
     argv = [
-        "--scale", "cpu", "--methods", "none,nearest", "--ks", "2", "--epochs", "4",
+        "--scale", "cpu", "--methods", methods, "--ks", "2", "--epochs", str(epochs),
         "--dataset", f"imagefolder:{folder}", "--workdir", str(tmp_path / "w"),
-        "--out", str(tmp_path / "out" / "table"), "--holdout", "40",
-        "--search-lambdas", "1", "--search-inits", "uniform",
+        "--out", str(tmp_path / "out" / "table"), "--holdout", "40", *search,
     ]  # fmt: skip
     args = study.parse_args(argv)
-    sweep = study.Sweep(args)
+    return argv, args, study.Sweep(args)
+
+
+def test_the_search_tries_the_representatives_inits_of_dynamic_families_only(tmp_path):
+    argv, args, sweep = searched_sweep(
+        tmp_path, "none,nearest", 4, "--search-lambdas", "1", "--search-inits", "uniform"
+    )
     assert sweep.inits(study.Cell("cnn_small", "sine", 2, 0)) == []  # no representatives
     assert sweep.inits(study.Cell("cnn_small", "dkm", 2, 0)) == []
     rows = [sweep.run(cell) for cell in study.ordered_cells(args)]
@@ -101,15 +108,9 @@ def test_the_search_tries_the_representatives_inits_of_dynamic_families_only(tmp
 
 
 def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path, capsys):
-    folder = write_image_folder(tmp_path / "imgs", per_class=(80, 8), size=16)
-    argv = [
-        "--scale", "cpu", "--methods", "none,sine", "--ks", "2", "--epochs", "5",
-        "--dataset", f"imagefolder:{folder}", "--workdir", str(tmp_path / "w"),
-        "--out", str(tmp_path / "out" / "table"), "--holdout", "40",
-        "--search-lambdas", "0.1,1", "--search-start-epochs", "4",
-    ]  # fmt: skip
-    args = study.parse_args(argv)
-    sweep = study.Sweep(args)
+    argv, args, sweep = searched_sweep(
+        tmp_path, "none,sine", 5, "--search-lambdas", "0.1,1", "--search-start-epochs", "4"
+    )
     rows = [sweep.run(cell) for cell in study.ordered_cells(args)]
     sine = rows[-1]
     search = sine["lambda_search"]
