@@ -48,7 +48,7 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     assert [r["method"] for r in rows[:3]] == ["none+kmeans", "none+uniform", "softmin"]
     assert {r["k"] for r in rows} == {2, 4} and len(rows) == 6
     for family in ("softmin",):  # K = 4 and K = 2 ran on one compiled step
-        assert sweep.trainers[("cnn_small", family, 0, None, None)].trace_count == 1
+        assert sweep.trainers[("cnn_small", family, 0, None, None, None)].trace_count == 1
     assert sweep.tuners["cnn_small"].trainer.trace_count == 1
     for row in rows:
         assert row["live_min"] == row["k"], row  # no collapsed cell, softmin K = 2 included
