@@ -1,8 +1,11 @@
 """Metrics: one JSON line per epoch (metrics.jsonl) and TensorBoard event files.
 
-TensorBoard events are written with tensorboardX (pure Python: no TensorFlow needed). Nested
-dicts are flattened to ``a/b/c`` tags; lists (e.g. a layer's representatives) go to the JSONL
-only. Only process 0 writes, so a multi-host run logs once.
+TensorBoard events are written with tensorboardX (pure Python: no TensorFlow needed), imported
+without torch: tensorboardX imports torch whenever it is installed (for its torch-tensor
+helpers, which scalars never use), and that would load all of torch, its thread pools and
+runtime libraries included, into a JAX process. Nested dicts are flattened to ``a/b/c`` tags;
+lists (e.g. a layer's representatives) go to the JSONL only. Only process 0 writes, so a
+multi-host run logs once.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,20 @@ def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def summary_writer(logdir: Path):
+    """tensorboardX's SummaryWriter for `logdir`, its module imported with ``import torch``
+    failing (unless torch is already loaded): see the module docstring."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter(str(logdir))
+
+
 class MetricsWriter:
     """Appends epoch metrics to ``workdir/metrics.jsonl`` and ``workdir/tensorboard``."""
 
@@ -52,9 +70,7 @@ class MetricsWriter:
         self._tb = None
         if enabled and tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                self._tb = summary_writer(Path(workdir) / "tensorboard")
             except ImportError:  # Optional at run time: the JSONL still has everything.
                 self._tb = None
 
