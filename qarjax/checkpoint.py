@@ -10,6 +10,7 @@ continues with the same step, data order and randomness.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +198,22 @@ class Checkpointer:
         self.wait()
         self.manager.close()
 
+    def _remove_unfinished(self, settle: float = 0.2, limit: float = 10.0) -> None:
+        """Removes the unfinished save's folder until none is left for `settle` seconds: the
+        save's other writer threads may still add files while it is removed (one pass left a
+        half-removed folder behind), so it is removed again until nothing reappears."""
+        began = last_seen = time.monotonic()
+        while time.monotonic() - last_seen < settle and time.monotonic() - began < limit:
+            left = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            for unfinished in left:
+                shutil.rmtree(unfinished, ignore_errors=True)
+                last_seen = time.monotonic()
+            time.sleep(0.02)
+
     def _failed(self, error: Exception) -> None:
         """A save that failed: its unfinished folder removed (the finished checkpoints stay),
         one QarjaxError line."""
-        for unfinished in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(unfinished, ignore_errors=True)
+        self._remove_unfinished()
         text = str(error)
         if "os_error_code='28'" in text or "No space left" in text:
             reason = "no space left on the device"

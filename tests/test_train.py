@@ -219,11 +219,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_checkpoints(tiny_config,
     workdir = small_disk / "run"
     fit(tiny_config, workdir, dataset=dataset, stop_after_epoch=1)
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # the rest of the disk but 64 KiB: a config, not a checkpoint
+    # the rest of the disk but 64 KiB: a config, not a checkpoint. Unbuffered: a buffered
+    # file's close flushes what a write could not, and raised ENOSPC when the free space was
+    # not a multiple of the write (it depends on the checkpoint's size)
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(bytes(1 << 16))
-                f.flush()
         except OSError:
             pass
     filler.write_bytes(bytes(filler.stat().st_size - (1 << 16)))
