@@ -99,6 +99,13 @@ class Cell:
         k = None if family(self.family).k_free else self.k
         return self.model, self.family, self.seed, k, self.lam, self.start, self.init
 
+    def chosen_by(self, search: dict) -> Cell:
+        """This cell trained as `search` chose (its lambda, start epoch and init; an empty
+        search: the config's)."""
+        return dataclasses.replace(
+            self, lam=search.get("lam"), start=search.get("start"), init=search.get("init")
+        )
+
 
 def ordered_cells(args) -> list[Cell]:
     """Every cell, the most telling first: per K group (K = 4, 2, then 8, 16), per model."""
@@ -209,11 +216,6 @@ class Sweep:
     def searched(self, cell: Cell) -> bool:
         return bool(self.args.search_lambdas) and family(cell.family).has_penalty
 
-    def inits(self, cell: Cell) -> list[str]:
-        """The representatives' initializations the search tries for `cell`'s family (those
-        with trainable representatives; the others have no reg.init to choose)."""
-        return list(self.args.search_inits or []) if family(cell.family).has_reps else []
-
     def search(self, cell: Cell) -> dict:
         """The search of `cell`'s (model, family): one trial per multiplier of the family's
         lambda, then, at the winning lambda, one per extra start epoch, then, at the winning
@@ -241,7 +243,7 @@ class Sweep:
             done = {t["start"] for t in found["trials"] if t["lam"] == lam}
             found["trials"] += [self.trial(cell, k, lam, e) for e in starts if e not in done]
             found["start_epochs"] = starts
-        inits = self.inits(cell)
+        inits = searched_inits(self.args, cell.family)
         if found.get("inits", []) != inits:
             best = max(found["trials"], key=score)
             done = {t.get("init") for t in found["trials"]
@@ -292,9 +294,7 @@ class Sweep:
     def run(self, cell: Cell) -> dict:
         search = self.search(cell) if self.searched(cell) else None
         if search:
-            cell = dataclasses.replace(
-                cell, lam=search["lam"], start=search.get("start"), init=search.get("init")
-            )
+            cell = cell.chosen_by(search)
         spec = self.spec_for(cell)
         result, train_seconds = self.train(cell)
         t0 = time.perf_counter()
@@ -326,6 +326,12 @@ class Sweep:
             "start_epoch": spec.reg.start_epoch,
             "init": spec.reg.init if family(cell.family).has_reps else None,
         } | ({"lambda_search": search} if search else {})  # fmt: skip
+
+
+def searched_inits(args, name: str) -> list[str]:
+    """The representatives' initializations the search tries for family `name` (those with
+    trainable representatives; the others have no reg.init to choose)."""
+    return list(args.search_inits or []) if family(name).has_reps else []
 
 
 def score(trial: dict) -> float:
@@ -381,8 +387,9 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
     # the lambda search: per (model, penalty family) its other trials (the winner at the
     # smallest K is that cell's own training), each scored like a quantize stage
     searched = {(c.model, c.family) for c in cells if family(c.family).has_penalty}
-    extra = len(args.search_lambdas or []) - 1 + len(args.search_start_epochs or [])
     for model, name in searched if args.search_lambdas else ():
+        extra = len(args.search_lambdas) - 1 + len(args.search_start_epochs or [])
+        extra += len(searched_inits(args, name))
         config = base_config(model, name, args)
         epoch = n_train / images_per_second[model]
         phase = (config.num_epochs - config.reg.start_epoch) * epoch * family(name).step_factor
@@ -633,9 +640,8 @@ def weight_histograms(sweep: Sweep, model: str, rows: list[dict], out: Path) -> 
     if not penalized or not any(r["method"] == "none+kmeans" for r in mine):
         raise SystemExit(f"{model}: no finished plain and penalty cells at K = {k}")
     best = max(penalized, key=lambda r: r["pre_tuning_accuracy"])
-    search = best.get("lambda_search", {})  # the searched lambda and start: its run's name
-    chosen = Cell(model, best["method"], k, 0, lam=search.get("lam"), start=search.get("start"),
-                  init=search.get("init"))  # fmt: skip
+    # the searched lambda, start and init: its run's name
+    chosen = Cell(model, best["method"], k, 0).chosen_by(best.get("lambda_search", {}))
     drawn = {}
     for cell in (Cell(model, "none", k, 0, "kmeans"), chosen):
         result, _ = sweep.train(cell)
@@ -742,7 +748,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--search-inits",
-        type=lambda s: s.split(","),
+        type=numbers(str),
         default=None,
         help="with --search-lambdas: reg.init values (quantile, uniform, kmeans) tried at the "
         "winning lambda and start, for the families with trainable representatives",

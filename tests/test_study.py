@@ -87,8 +87,14 @@ def test_the_search_tries_the_representatives_inits_of_dynamic_families_only(tmp
     argv, args, sweep = searched_sweep(
         tmp_path, "none,nearest", 4, "--search-lambdas", "1", "--search-inits", "uniform"
     )
-    assert sweep.inits(study.Cell("cnn_small", "sine", 2, 0)) == []  # no representatives
-    assert sweep.inits(study.Cell("cnn_small", "dkm", 2, 0)) == []
+    assert study.searched_inits(args, "sine") == []  # no representatives
+    assert study.searched_inits(args, "dkm") == []
+    assert study.searched_inits(args, "nearest") == ["uniform"]
+    cells, rate = study.ordered_cells(args), {"cnn_small": 1000.0}
+    without = study.parse_args([a for a in argv if a not in ("--search-inits", "uniform")])
+    assert (
+        study.project(cells, args, rate)["search"] > study.project(cells, without, rate)["search"]
+    )
     rows = [sweep.run(cell) for cell in study.ordered_cells(args)]
     nearest = rows[-1]
     trials = nearest["lambda_search"]["trials"]
