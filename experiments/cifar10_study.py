@@ -218,45 +218,71 @@ class Sweep:
 
     def search(self, cell: Cell) -> dict:
         """The search of `cell`'s (model, family): one trial per multiplier of the family's
-        lambda, then, at the winning lambda, one per extra start epoch, then, at the winning
-        lambda and start, one per other initialization of the representatives (the paper's
-        suggestion for bell-shaped weights: dynamic families only); each trains the
-        regularized phase at the smallest K of the sweep (seed 0) and is scored by its
-        pre-tuning accuracy on the held-out training images (never the test set). Saved under
-        --workdir/search, so a rerun reuses it; the trial that wins is the cell's own training
-        at that K."""
+        lambda; while the winner is the largest or smallest lambda tried, one step further
+        (the grid's outer ratio, at most --search-extend steps); then, at the winning lambda,
+        one per extra start epoch, then, at the winning lambda and start, one per other
+        initialization of the representatives (the paper's suggestion for bell-shaped
+        weights: dynamic families only). Each trains the regularized phase at the smallest K
+        of the sweep (seed 0) and is scored by its pre-tuning accuracy on the held-out
+        training images (never the test set). Each trial is saved under --workdir/search as
+        it finishes: a rerun reuses every trial found there (a changed grid trains only the
+        trials it lacks) and the winner is the best of all of them; it is the cell's own
+        training at that K."""
         path = self.workdir / "search" / f"{cell.model}_{cell.family}.json"
         grid = sorted(self.args.search_lambdas, reverse=True)
         starts = sorted(self.args.search_start_epochs or [])
+        inits = searched_inits(self.args, cell.family)
         config = base_config(cell.model, cell.family, self.args)
         k = min(self.args.ks)
-        found = json.loads(path.read_text()) if path.exists() else None
-        if found is None or found["multipliers"] != grid or found["k"] != k:
-            trials = [self.trial(cell, k, float(f"{config.reg.lam * m:.6g}"), None) for m in grid]
-            found = {"model": cell.model, "family": cell.family, "k": k, "multipliers": grid,
-                     "base_lambda": config.reg.lam, "trials": trials}  # fmt: skip
-        for trial in found["trials"]:  # searches saved before start epochs were searched
-            trial.setdefault("start", None)
+        found = json.loads(path.read_text()) if path.exists() else {}
+        done = {}
+        for trial in found.get("trials", []) if found.get("k") == k else []:
+            trial.setdefault("start", None)  # searches saved before start epochs were searched
             trial.setdefault("start_epoch", config.reg.start_epoch)
-        if found.get("start_epochs", []) != starts:
-            lam = max(found["trials"], key=score)["lam"]
-            done = {t["start"] for t in found["trials"] if t["lam"] == lam}
-            found["trials"] += [self.trial(cell, k, lam, e) for e in starts if e not in done]
-            found["start_epochs"] = starts
-        inits = searched_inits(self.args, cell.family)
-        if found.get("inits", []) != inits:
-            best = max(found["trials"], key=score)
-            done = {t.get("init") for t in found["trials"]
-                    if (t["lam"], t["start"]) == (best["lam"], best["start"])}  # fmt: skip
-            found["trials"] += [self.trial(cell, k, best["lam"], best["start"], i)
-                                for i in inits if i not in done]  # fmt: skip
-            found["inits"] = inits
-        best = max(found["trials"], key=score)
-        found.update(lam=best["lam"], start=best["start"], start_epoch=best["start_epoch"],
-                     init=best.get("init"))  # fmt: skip
+            done[(float(f"{trial['lam']:.6g}"), trial["start"], trial.get("init"))] = trial
         path.parent.mkdir(parents=True, exist_ok=True)
+
+        def tried(lam: float, start: int | None = None, init: str | None = None) -> dict:
+            lam = float(f"{lam:.6g}")
+            if (lam, start, init) not in done:
+                done[lam, start, init] = self.trial(cell, k, lam, start, init)
+                # each score kept at once: a killed search retrains and rescores nothing
+                write_json_atomic(path, {"k": k, "trials": list(done.values())})
+            return done[lam, start, init]
+
+        for m in grid:
+            tried(config.reg.lam * m)
+        for _ in range(self.args.search_extend):
+            plain = [t for t in done.values() if t["start"] is None and t.get("init") is None]
+            lams = sorted({t["lam"] for t in plain}, reverse=True)
+            best = max(plain, key=score)["lam"]
+            if len(lams) < 2 or best not in (lams[0], lams[-1]):
+                break
+            outer, inner = (lams[0], lams[1]) if best == lams[0] else (lams[-1], lams[-2])
+            tried(float(f"{outer * outer / inner:.1g}"))  # e.g. 0.9 after 0.1 and 0.3
+        for e in starts:
+            tried(max(done.values(), key=score)["lam"], e)
+        best = max(done.values(), key=score)
+        for i in inits:
+            tried(best["lam"], best["start"], i)
+        best = max(done.values(), key=score)  # every trial on record counts
+        found = {
+            "model": cell.model, "family": cell.family, "k": k, "multipliers": grid,
+            "extend": self.args.search_extend, "start_epochs": starts, "inits": inits,
+            "base_lambda": config.reg.lam, "trials": list(done.values()),
+            "lam": best["lam"], "start": best["start"], "start_epoch": best["start_epoch"],
+            "init": best.get("init"),
+        }  # fmt: skip
         write_json_atomic(path, found)
         return found
+
+    def stale(self, cell: Cell, row: dict) -> bool:
+        """Whether finished `row` of `cell` trained at another lambda, start or init than its
+        family's search now chooses (the grid was extended, or trials were added)."""
+        if not self.searched(cell):
+            return False
+        chosen, now = row.get("lambda_search", {}), self.search(cell)
+        return any(chosen.get(key) != now.get(key) for key in ("lam", "start", "init"))
 
     def trial(
         self, cell: Cell, k: int, lam: float, start: int | None, init: str | None = None
@@ -389,7 +415,7 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
     searched = {(c.model, c.family) for c in cells if family(c.family).has_penalty}
     for model, name in searched if args.search_lambdas else ():
         extra = len(args.search_lambdas) - 1 + len(args.search_start_epochs or [])
-        extra += len(searched_inits(args, name))
+        extra += len(searched_inits(args, name)) + args.search_extend  # at most
         config = base_config(model, name, args)
         epoch = n_train / images_per_second[model]
         phase = (config.num_epochs - config.reg.start_epoch) * epoch * family(name).step_factor
@@ -586,7 +612,8 @@ def searches(model: str, rows: list[dict]) -> list[str]:
         "Lambda per family, chosen on the 5,000 held-out training images (never the test set): "
         "each trial trains the regularized phase at K = "
         f"{next(iter(found.values()))['k']} and is scored by its pre-tuning accuracy there "
-        '[full precision]; a later start epoch ("from epoch E") is tried at the winning '
+        "[full precision]; a winner at the edge of the lambda grid is tried one step beyond "
+        '(--search-extend); a later start epoch ("from epoch E") is tried at the winning '
         'lambda, then other initializations of the representatives ("init I", dynamic '
         "families; the others start from 1-D k-means of the weights) at the winning lambda and "
         "start; the winner (bold) serves every K:",
@@ -740,6 +767,13 @@ def parse_args(argv=None):
         "scored on the held-out training images; every K then uses the winner",
     )
     parser.add_argument(
+        "--search-extend",
+        type=int,
+        default=0,
+        help="with --search-lambdas: while the winning lambda is the largest or smallest "
+        "tried, try one step further (the grid's outer ratio), at most this many times",
+    )
+    parser.add_argument(
         "--search-start-epochs",
         type=numbers(int),
         default=None,
@@ -789,8 +823,12 @@ def main(argv=None) -> int:
     for cell in cells:
         done = workdir / "cells" / f"{cell.name}.json"
         if done.exists():
-            rows.append(json.loads(done.read_text()))
-            continue
+            row = json.loads(done.read_text())
+            if not sweep.stale(cell, row):
+                rows.append(row)
+                continue
+            print(f"== {cell.name}: its family's search now chooses another training; rerun",
+                  flush=True)  # fmt: skip
         elapsed = time.perf_counter() - began
         # The longest cell so far is the estimate; the first cell always runs (progress).
         if args.max_minutes is not None and longest and elapsed + longest > 60 * args.max_minutes:

@@ -113,6 +113,39 @@ def test_the_search_tries_the_representatives_inits_of_dynamic_families_only(tmp
     assert f"{trials[1]['lam']:g} init uniform" in page and "| nearest | " in page
 
 
+def test_a_winner_at_the_grids_edge_is_tried_beyond_it_and_a_cell_the_search_outdated_reruns(
+    tmp_path, capsys
+):
+    argv, args, sweep = searched_sweep(
+        tmp_path, "none,sine", 4, "--search-lambdas", "0.1,1", "--search-extend", "1"
+    )
+    study.main(argv)
+    path = tmp_path / "w" / "search" / "cnn_small_sine.json"
+    trials = json.loads(path.read_text())["trials"]
+    (a, b), extra = trials[:2], trials[2:]
+    won, lost = (a, b) if study.score(a) >= study.score(b) else (b, a)
+    # two lambdas: the winner is at an edge, so one step beyond it (the grid's ratio)
+    assert [t["lam"] for t in extra] == [float(f"{won['lam'] ** 2 / lost['lam']:.1g}")]
+    cell = tmp_path / "w" / "cells" / "cnn_small_sine_k2_s0.json"
+    assert json.loads(cell.read_text())["lam"] == max(trials, key=study.score)["lam"]
+    capsys.readouterr()
+    study.main(argv)  # all in place: nothing trains, nothing reruns
+    assert "== " not in capsys.readouterr().out
+
+    # a search killed after its first trial: the trial on file is reused as it is (here with
+    # a score no rerun would give), so the choice moves and the finished cell is outdated
+    lost["holdout_pre_tuning_accuracy"] = 2.0
+    path.write_text(json.dumps({"k": 2, "trials": [lost]}))
+    study.main(argv)
+    out = capsys.readouterr().out
+    assert "cnn_small_sine_k2_s0: its family's search now chooses another training" in out
+    search = json.loads(path.read_text())
+    assert search["lam"] == lost["lam"] and search["trials"][0] == lost
+    beyond = float(f"{lost['lam'] ** 2 / won['lam']:.1g}")  # the new winner's edge, extended
+    assert {t["lam"] for t in search["trials"]} == {a["lam"], b["lam"], beyond}
+    assert json.loads(cell.read_text())["lam"] == lost["lam"]  # rerun at the search's choice
+
+
 def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path, capsys):
     argv, args, sweep = searched_sweep(
         tmp_path, "none,sine", 5, "--search-lambdas", "0.1,1", "--search-start-epochs", "4"
