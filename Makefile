@@ -17,8 +17,15 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python experiments/demo.py --workdir runs/demo
 
+# Two workers. --capture=sys leaves native stderr (an XLA check's message) uncaptured, so a
+# worker that dies says why in the log, and its test reruns once in a fresh worker (twice in
+# five runs on 2026-12-06, with the study beside: an abort inside an XLA:CPU thread during
+# test_quantize's keep-best tuning, never reproduced alone). --only-rerun with a pattern that
+# matches nothing keeps every ordinary failure a failure.
+CRASH_RERUN := --capture=sys --reruns 1 --only-rerun '(?!)'
+
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --durations=15 $(CRASH_RERUN)
 
 test-all: install
 	$(BIN)/python -m pytest -q

@@ -29,6 +29,7 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "pytest-xdist>=3.5",
+            "pytest-rerunfailures>=14",
             "hypothesis>=6.100",
             "scikit-learn>=1.4",
             "ruff>=0.6",
