@@ -44,7 +44,7 @@ import numpy as np
 
 from qarjax.compress import size_report
 from qarjax.config import load_config
-from qarjax.families import family
+from qarjax.families import FAMILIES, family
 from qarjax.files import write_json_atomic
 from qarjax.loop import fit
 from qarjax.pipeline import quantize_stage, tune_stage, tuning_trainer
@@ -68,8 +68,9 @@ K_GROUPS = ([4, 2], [8, 16])  # the most telling K first (for every model), then
 METHODS = ["none", "sine", "cosine", "nearest", "softmin", "linf", "gradient_l1", "dkm", "lsq"]
 # What the sweep knows of a family is on its class (qarjax.families.Family): k_free (one
 # training serves every K), baseline_lambda (in place of the config's), step_factor (the
-# train step's time over the plain one, for --plan: measured on the 2-core CPU; on a GPU
-# they are unmeasured, so they are the assumption there).
+# train step's time over the plain one, for --plan: measured on cnn_small on the 2-core CPU;
+# on a GPU they are unmeasured, so they are the assumption there; --step-factors overrides
+# them per model).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +400,7 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
             seen_train.add(cell.training)
             shared = cell.family != "none" and not args.from_scratch
             epochs = config.num_epochs - (config.reg.start_epoch if shared else 0)
-            total["train"] += epochs * epoch * family(cell.family).step_factor
+            total["train"] += epochs * epoch * step_factor(args, cell.model, cell.family)
             total["train"] += config.num_epochs * (n_test / ips / 3)  # an evaluation per epoch
             if (cell.model, cell.family, cell.seed) not in seen_steps:
                 seen_steps.add((cell.model, cell.family, cell.seed))
@@ -418,10 +419,33 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
         extra += len(searched_inits(args, name)) + args.search_extend  # at most
         config = base_config(model, name, args)
         epoch = n_train / images_per_second[model]
-        phase = (config.num_epochs - config.reg.start_epoch) * epoch * family(name).step_factor
+        phase = (config.num_epochs - config.reg.start_epoch) * epoch
+        phase *= step_factor(args, model, name)
         total["search"] += extra * phase + (extra + 1) * args.quantize_seconds
     total["all"] = sum(total.values())
     return total
+
+
+def step_factor(args, model: str, name: str) -> float:
+    """A regularized step's time over the plain step's for `name` on `model`: --step-factors'
+    (model:family, then family), else the family's own (measured on cnn_small)."""
+    given = args.step_factors
+    return given.get((model, name), given.get((None, name), family(name).step_factor))
+
+
+def step_factors(text: str) -> dict[tuple[str | None, str], float]:
+    """An argparse type: "[model:]family=factor,..." (e.g. resnet20:gradient_l1=8.2)."""
+    factors = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        model, _, name = key.rpartition(":")
+        if name not in FAMILIES or not float(value) > 0:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: want [model:]family=factor, a family of {tuple(FAMILIES)} and a "
+                "positive factor"
+            )
+        factors[model or None, name] = float(value)
+    return factors
 
 
 def measured_rates(models, args) -> dict[str, float]:
@@ -460,7 +484,7 @@ def print_plan(cells: list[Cell], args) -> None:
         f"{total['compile'] / 60:.1f} at {args.compile_seconds:g} s each, quantize "
         f"{total['quantize'] / 60:.1f}, tune {total['tune'] / 60:.1f}, lambda search "
         f"{total['search'] / 60:.1f}); step factors "
-        f"{ {c.family: family(c.family).step_factor for c in cells} }; "
+        f"{ {f'{c.model}:{c.family}': step_factor(args, c.model, c.family) for c in cells} }; "
         f"{'from scratch' if args.from_scratch else 'shared pre-training'}"
     )
 
@@ -750,6 +774,14 @@ def parse_args(argv=None):
     parser.add_argument("--plan", action="store_true", help="list the cells, project the time")
     parser.add_argument(
         "--images-per-second", default="", help="for --plan: model=rate,... (default: measure here)"
+    )
+    parser.add_argument(
+        "--step-factors",
+        type=step_factors,
+        default={},
+        help="for --plan: [model:]family=factor,... a regularized step's time over the plain "
+        "step's, in place of the family's own (measured on cnn_small; e.g. "
+        "resnet20:gradient_l1=8.2, as measured on a 2-core Xeon)",
     )
     parser.add_argument("--compile-seconds", type=float, default=15.0)
     parser.add_argument(

@@ -70,6 +70,25 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     assert len(cells) == 6 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
 
 
+def test_the_plan_takes_a_step_factor_measured_per_model():
+    argv = ["--scale", "cpu-full", "--models", "resnet20,vgg16", "--methods", "none,gradient_l1",
+            "--ks", "2"]  # fmt: skip
+    args = study.parse_args(argv)
+    given = study.parse_args([*argv, "--step-factors", "resnet20:gradient_l1=8.2,sine=2"])
+    assert study.step_factor(given, "resnet20", "gradient_l1") == 8.2
+    assert study.step_factor(given, "vgg16", "sine") == 2  # a family's factor for every model
+    own = study.family("gradient_l1").step_factor
+    assert study.step_factor(given, "vgg16", "gradient_l1") == own
+    cells, rates = study.ordered_cells(args), {"resnet20": 300.0, "vgg16": 500.0}
+    more = study.project(cells, given, rates)["train"] - study.project(cells, args, rates)["train"]
+    config = study.base_config("resnet20", "gradient_l1", args)
+    epochs = config.num_epochs - config.reg.start_epoch  # the branch's regularized epochs
+    assert more == pytest.approx(epochs * 50_000 / 300 * (8.2 - own))
+    for bad in ("foo=2", "sine=0", "sine=x"):
+        with pytest.raises(SystemExit):
+            study.parse_args([*argv, "--step-factors", bad])
+
+
 def searched_sweep(tmp_path, methods: str, epochs: int, *search: str):
     """The argv of a K = 2 sweep of `methods` with a search on 40 held-out images, and its
     Sweep."""
