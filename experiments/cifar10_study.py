@@ -636,8 +636,9 @@ def searches(model: str, rows: list[dict]) -> list[str]:
         "Lambda per family, chosen on the 5,000 held-out training images (never the test set): "
         "each trial trains the regularized phase at K = "
         f"{next(iter(found.values()))['k']} and is scored by its pre-tuning accuracy there "
-        "[full precision]; a winner at the edge of the lambda grid is tried one step beyond "
-        '(--search-extend); a later start epoch ("from epoch E") is tried at the winning '
+        "[full precision]; while the winner is the largest or smallest lambda tried, one "
+        "step beyond it is tried (at most --search-extend steps); a later start epoch "
+        '("from epoch E") is tried at the winning '
         'lambda, then other initializations of the representatives ("init I", dynamic '
         "families; the others start from 1-D k-means of the weights) at the winning lambda and "
         "start; the winner (bold) serves every K:",
