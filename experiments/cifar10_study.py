@@ -824,6 +824,8 @@ def parse_args(argv=None):
         "--holdout", type=int, default=None, help="training images held out (the config's)"
     )
     args = parser.parse_args(argv)
+    if args.search_extend < 0:
+        parser.error(f"--search-extend must be 0 or more, not {args.search_extend}")
     args.ks = args.ks or SCALES[args.scale]["ks"]
     args.models = args.models or SCALES[args.scale]["models"]
     return args

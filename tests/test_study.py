@@ -70,7 +70,7 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     assert len(cells) == 6 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
 
 
-def test_the_plan_takes_a_step_factor_measured_per_model():
+def test_the_plan_takes_a_step_factor_per_model_and_bad_values_are_refused():
     argv = ["--scale", "cpu-full", "--models", "resnet20,vgg16", "--methods", "none,gradient_l1",
             "--ks", "2"]  # fmt: skip
     args = study.parse_args(argv)
@@ -87,6 +87,8 @@ def test_the_plan_takes_a_step_factor_measured_per_model():
     for bad in ("foo=2", "sine=0", "sine=x"):
         with pytest.raises(SystemExit):
             study.parse_args([*argv, "--step-factors", bad])
+    with pytest.raises(SystemExit):
+        study.parse_args([*argv, "--search-extend", "-1"])
 
 
 def searched_sweep(tmp_path, methods: str, epochs: int, *search: str):
