@@ -15,8 +15,9 @@ How the sweep spends its time:
   - a run whose training does not depend on K (none, linf, gradient_l1) is trained once and
     quantized at every K;
   - each finished (model, method, K, seed) cell is saved as JSON under --workdir, so a rerun
-    skips it; ``--max-minutes`` stops before a cell that would not fit, so a time-limited
-    command always leaves finished cells, and the next invocation resumes;
+    skips it, and each search trial is saved as it finishes; ``--max-minutes`` stops before
+    a cell or a trial that would not fit, so a time-limited command always leaves finished
+    work, and the next invocation resumes;
   - ``--plan`` lists the cells in order and projects the time (see `project`).
 
     # CPU scale (the demo model on the embedded cifar10_mini):
@@ -147,17 +148,37 @@ def base_config(model: str, family_name: str, args):
     return config
 
 
+class OutOfTime(Exception):
+    """The next search trial would not fit in --max-minutes (the trials so far are on file)."""
+
+
 class Sweep:
     """Runs cells, reusing trained runs, trainers (compiled steps) and the loaded data."""
 
     def __init__(self, args):
         self.args = args
+        self.began = time.perf_counter()
+        self.longest = {"cell": 0.0, "trial": 0.0}  # seconds, this invocation's longest
+        self.trial_seconds = 0.0  # spent in search trials (a cell's own time excludes them)
         self.workdir = Path(args.workdir)
         self.dataset = None
         self.trainers: dict = {}  # (model, family, seed, lam, start, init) -> Trainer
         self.tuners: dict = {}  # model -> tuning Trainer
         self.runs: dict = {}  # Cell.training -> (FitResult, own train seconds)
         self.holdout = None  # the validation images of the lambda search
+
+    def fits(self, unit: str) -> bool:
+        """Whether one more `unit` ("cell" or "trial") fits in --max-minutes, judged by the
+        longest of its kind so far in this invocation (a trial without one: the longest cell,
+        which trains as long and quantizes and tunes besides). The first unit always runs, so
+        each invocation makes progress."""
+        estimate = self.longest[unit] or (self.longest["cell"] if unit == "trial" else 0.0)
+        if self.args.max_minutes is None or not estimate:
+            return True
+        return time.perf_counter() - self.began + estimate <= 60 * self.args.max_minutes
+
+    def took(self, unit: str, seconds: float) -> None:
+        self.longest[unit] = max(self.longest[unit], seconds)
 
     def data(self, spec):
         if self.dataset is None:
@@ -246,7 +267,12 @@ class Sweep:
         def tried(lam: float, start: int | None = None, init: str | None = None) -> dict:
             lam = float(f"{lam:.6g}")
             if (lam, start, init) not in done:
+                if not self.fits("trial"):
+                    raise OutOfTime(f"{cell.model} {cell.family}: search trial lambda {lam:g}")
+                began = time.perf_counter()
                 done[lam, start, init] = self.trial(cell, k, lam, start, init)
+                self.took("trial", time.perf_counter() - began)
+                self.trial_seconds += time.perf_counter() - began
                 # each score kept at once: a killed search retrains and rescores nothing
                 write_json_atomic(path, {"k": k, "trials": list(done.values())})
             return done[lam, start, init]
@@ -770,7 +796,8 @@ def parse_args(argv=None):
         "--max-minutes",
         type=float,
         default=None,
-        help="start no cell that would end past this many minutes",
+        help="start no cell or search trial that would end past this many minutes (judged "
+        "by the longest of its kind so far)",
     )
     parser.add_argument("--plan", action="store_true", help="list the cells, project the time")
     parser.add_argument(
@@ -853,32 +880,36 @@ def main(argv=None) -> int:
         return 0
     (workdir / "cells").mkdir(parents=True, exist_ok=True)
     sweep = Sweep(args)
-    began = time.perf_counter()
-    longest, rows, stopped = 0.0, [], 0
+    rows, stopped = [], 0
     for cell in cells:
         done = workdir / "cells" / f"{cell.name}.json"
-        if done.exists():
-            row = json.loads(done.read_text())
-            if not sweep.stale(cell, row):
-                rows.append(row)
+        try:
+            if done.exists():
+                row = json.loads(done.read_text())
+                if not sweep.stale(cell, row):
+                    rows.append(row)
+                    continue
+                print(f"== {cell.name}: its family's search now chooses another training; "
+                      "rerun", flush=True)  # fmt: skip
+            if not sweep.fits("cell"):
+                stopped += 1
                 continue
-            print(f"== {cell.name}: its family's search now chooses another training; rerun",
-                  flush=True)  # fmt: skip
-        elapsed = time.perf_counter() - began
-        # The longest cell so far is the estimate; the first cell always runs (progress).
-        if args.max_minutes is not None and longest and elapsed + longest > 60 * args.max_minutes:
+            print(f"== {cell.name}", flush=True)
+            t0, searching = time.perf_counter(), sweep.trial_seconds
+            row = sweep.run(cell)
+        except OutOfTime as stop:  # the trials so far are on file; the next invocation goes on
+            print(f"   budget: stopped before the {stop}", flush=True)
+            if done.exists():  # a finished cell stays on the page until its rerun
+                rows.append(json.loads(done.read_text()))
             stopped += 1
             continue
-        print(f"== {cell.name}", flush=True)
-        t0 = time.perf_counter()
-        row = sweep.run(cell)
-        longest = max(longest, time.perf_counter() - t0)
+        sweep.took("cell", time.perf_counter() - t0 - (sweep.trial_seconds - searching))
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
         print(f"   fp {row['fp_accuracy']:.3f} pre {row['pre_tuning_accuracy']:.3f} post "
               f"{row['post_tuning_accuracy']:.3f} live {row['live_min']}", flush=True)  # fmt: skip
     if rows:
-        summarize(rows, Path(args.out), args, time.perf_counter() - began)
+        summarize(rows, Path(args.out), args, time.perf_counter() - sweep.began)
         print(f"wrote {args.out}.md ({len(rows)} of {len(cells)} cells)")
     if stopped:
         print(f"budget of {args.max_minutes} min reached: {stopped} cells left; run the same "

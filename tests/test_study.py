@@ -204,3 +204,21 @@ def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path,
     assert "table_weights_cnn_small.png)" in (tmp_path / "out" / "table.md").read_text()
     plan = study.main([*argv, "--plan", "--images-per-second", "cnn_small=1000"])
     assert plan == 0 and "lambda search 0." in capsys.readouterr().out
+
+
+def test_the_budget_stops_a_search_between_its_trials_and_the_next_command_goes_on(
+    tmp_path, capsys
+):
+    argv, args, sweep = searched_sweep(tmp_path, "sine", 4, "--search-lambdas", "0.1,1")
+    # the first trial always runs (progress); the second would pass a budget of 0 minutes
+    study.main([*argv, "--max-minutes", "0"])
+    out = capsys.readouterr().out
+    assert "budget: stopped before the cnn_small sine: search trial lambda" in out
+    assert "budget of 0.0 min reached: 1 cells left" in out
+    path = tmp_path / "w" / "search" / "cnn_small_sine.json"
+    first = json.loads(path.read_text())["trials"]
+    assert len(first) == 1 and not list((tmp_path / "w" / "cells").glob("*.json"))
+    study.main(argv)  # goes on from the trial on file
+    search = json.loads(path.read_text())
+    assert search["trials"][0] == first[0] and len(search["trials"]) == 2
+    assert (tmp_path / "w" / "cells" / "cnn_small_sine_k2_s0.json").exists()
