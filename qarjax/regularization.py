@@ -47,6 +47,7 @@ from flax import nnx
 from qarjax.errors import ConfigError, check_range, is_number, short
 from qarjax.families import Family, Settings, family
 from qarjax.families.dynamic import INIT_METHODS
+from qarjax.families.gradient_l1 import gradient_l1_norms
 from qarjax.kmeans import assign, kmeans_1d
 from qarjax.representatives import RANGE_MODES, GridRange, QuantConst, grid_range
 from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, merge, path_name, set_in
@@ -450,15 +451,15 @@ class Regularization:
         layers = [s for s in self.layers if s.family != "none"]
         if not layers:
             return jnp.float32(0.0), {}
-        grads = None
+        norms = None
         if any(s.impl.needs_loss for s in layers):
             if ce_of_params is None:
                 raise ValueError("gradient_l1 needs the loss as a function of the params")
-            grads = jax.grad(ce_of_params)(params)
+            norms = gradient_l1_norms(ce_of_params, params)  # ||dCE/dW||_1 per leaf
         values = {}
         for s in layers:
             if s.impl.needs_loss:
-                values[s.name] = jnp.sum(jnp.abs(get_in(grads, s.path)))
+                values[s.name] = get_in(norms, s.path)
             else:
                 values[s.name] = self.layer_value(s, get_in(params, s.path), qparams, consts)
         total = sum(s.lam * values[s.name] for s in layers)

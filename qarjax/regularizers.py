@@ -9,7 +9,7 @@ the regularizer under ``reduction``: ``"sum"`` (default) over the weights, ``"me
   - static, no parameters: `sine`, `cosine` (K zeros inside [lo, hi], none outside it);
   - dynamic, over trainable representatives ``reps``: `nearest`, `softmin`;
   - R^2 range regularization baselines: `linf`, `margin`, `soft_min_max`;
-  - `gradient_l1`: the L1 norm of the loss gradient (double backprop).
+  - `gradient_l1`: the L1 norm of the loss gradient (its gradient: a Hessian-vector product).
 """
 
 from qarjax.families import REDUCTIONS

@@ -260,3 +260,49 @@ def test_gradient_l1_is_the_l1_norm_of_the_gradient_and_differentiable():
     e = jnp.zeros_like(params["w1"]).at[1, 2].set(eps)
     fd = (reg(params["w1"] + e) - reg(params["w1"] - e)) / (2 * eps)
     assert float(g[1, 2]) == pytest.approx(float(fd), rel=2e-2, abs=1e-4)
+
+
+def _conv_bn_loss(params, scale, x, y):
+    """A conv -> batch norm (batch statistics) -> ReLU -> dense classifier, its logits scaled
+    by `scale`: a loss with a closed-over parameter and integer labels."""
+    h = jax.lax.conv_general_dilated(
+        x, params["conv"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    h = (h - h.mean((0, 1, 2))) * jax.lax.rsqrt(h.var((0, 1, 2)) + 1e-5) * params["gamma"]
+    logits = scale * (jax.nn.relu(h).mean((1, 2)) @ params["dense"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradient_l1s_hessian_vector_gradient_is_double_backprops_in_float64(dtype):
+    """The forward-over-reverse VJP against reverse-over-reverse in float64, through batch
+    norm, a strided convolution and a closed-over parameter that is differentiated too."""
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(1), 4)
+        p64 = {
+            "conv": jax.random.normal(keys[0], (3, 3, 3, 4), jnp.float64) * 0.5,
+            "gamma": 1.0 + 0.1 * jax.random.normal(keys[1], (4,), jnp.float64),
+            "dense": jax.random.normal(keys[2], (4, 5), jnp.float64) * 0.5,
+        }
+        x = jax.random.normal(keys[3], (8, 6, 6, 3), jnp.float64)
+        y = jnp.arange(8) % 5
+        kernels = lambda t: {"conv": t["conv"], "dense": t["dense"]}
+
+        def reference(p, scale):  # jax.grad of a function that calls jax.grad
+            g = jax.grad(_conv_bn_loss)(p, scale, x, y)
+            return sum(jnp.abs(v).sum() for v in kernels(g).values())
+
+        want = jax.grad(reference, argnums=(0, 1))(p64, 1.5)
+        cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, dtype), t)
+        p, xs = cast(p64), x.astype(dtype)
+
+        def penalty(p, scale):  # the scale only reaches the loss through its closure
+            return R.gradient_l1(lambda q: _conv_bn_loss(q, scale, xs, y), p, select=kernels)
+
+        value, got = jax.value_and_grad(penalty, argnums=(0, 1))(p, jnp.asarray(1.5, dtype))
+        tol = 1e-12 if dtype == "float64" else 2e-5
+        np.testing.assert_allclose(value, reference(p64, 1.5), rtol=tol)
+        for name in p64:
+            scale = float(jnp.max(jnp.abs(want[0][name])))
+            np.testing.assert_allclose(got[0][name], want[0][name], rtol=tol, atol=tol * scale)
+        np.testing.assert_allclose(got[1], want[1], rtol=10 * tol)

@@ -10,7 +10,7 @@ name, so the train step sees only a scalar penalty. Each group's module holds it
   static        sine, cosine: K zeros on a grid fixed at the start
   dynamic       nearest, softmin: K trainable representatives
   r2            linf, margin, soft_min_max: the R^2 range baselines
-  gradient_l1   the L1 norm of the loss gradient (double backprop)
+  gradient_l1   the L1 norm of the loss gradient (its gradient: a Hessian-vector product)
   dkm, lsq      the forward-pass methods (differentiable k-means, learned step size)
 
 Adding a family is one new module (or one class in a notebook)::
