@@ -465,13 +465,26 @@ class Regularization:
         total = sum(s.lam * values[s.name] for s in layers)
         return (total if step is None else self.strength(step) * total), values
 
-    def penalty(self, model, step: jax.Array | None = None) -> jax.Array:
+    def penalty(
+        self, model, step: jax.Array | None = None, loss: Callable | None = None
+    ) -> jax.Array:
         """sum_l lambda_l R_l of `model` (an NNX model, its state, or a plain tree holding
         the weights and this regularization's variables): a differentiable scalar.
 
-        `step` applies the schedule (start step, warm-up); None: full strength."""
+        `step` applies the schedule (start step, warm-up); None: full strength. `loss`: the
+        task loss as a function of a model of the same kind as `model` (e.g.
+        ``lambda m: ce(m, x, y)``), which the families whose term is a function of the loss
+        need (gradient_l1); it is differentiated on a copy of the model, whose state updates
+        (batch statistics, RNG counts) are dropped."""
         tree = as_tree(model)
-        return self.terms(tree, tree, tree, step)[0]
+        ce_of_params = None
+        if loss is not None:
+            ce_of_params = _loss_of_tree(model, loss)
+        elif any(s.family != "none" and s.impl.needs_loss for s in self.layers):
+            names = sorted({s.family for s in self.layers if s.impl.needs_loss})
+            raise ValueError(f"{', '.join(names)} is a function of the loss: pass it, as "
+                             "reg.penalty(model, step, loss=lambda m: ce(m, x, y))")  # fmt: skip
+        return self.terms(tree, tree, tree, step, ce_of_params)[0]
 
     def _forward_layers(self) -> list[LayerSpec]:
         """The layers whose family changes the forward pass (dkm, lsq)."""
@@ -731,3 +744,24 @@ def _variable_at(model: nnx.Module, path: Path) -> nnx.Variable:
     if not isinstance(var, nnx.Variable):
         raise TypeError(f"{path_name(path)} is not an nnx.Variable: {type(var).__name__}")
     return var
+
+
+def _loss_of_tree(model, loss: Callable) -> Callable[[dict], jax.Array]:
+    """`loss` (a function of a model like `model`) as a function of a plain tree like
+    `as_tree(model)`: for an NNX model, of a copy of it holding the tree's values (the model's
+    own Variables are never written)."""
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        return lambda tree: loss(nnx.merge(graphdef, _state_with(state, tree)))
+    if isinstance(model, nnx.State):
+        return lambda tree: loss(_state_with(model, tree))
+    return loss
+
+
+def _state_with(state: nnx.State, tree: dict) -> nnx.State:
+    """A copy of `state` with the values of `tree`, every Variable a new object (`nnx.split`
+    hands out the model's own; a loss that updates state, such as batch norm in training,
+    then writes into the copy, never into the model, whatever `tree` holds)."""
+    copy = jax.tree.map(lambda v: v, state)
+    nnx.replace_by_pure_dict(copy, tree)
+    return copy

@@ -392,3 +392,64 @@ def test_a_model_file_says_what_made_it(tmp_path):
     assert meta["regularization"]["layers"]["out/kernel"]["lam"] == 0.1
     plain = qj.quantize(MLP(nnx.Rngs(0)), method="uniform", k=2).metadata["layers"]
     assert plain["body/kernel"] == {"method": "uniform", "k": 2, "family": "none"}
+
+
+class _BatchNormMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(6, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.head = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.hidden(x))))
+
+
+def test_gradient_l1_in_an_own_loop_takes_the_loss_and_is_double_backprops_penalty():
+    """reg.penalty(model, loss=...) for a family that is a function of the loss: its value
+    and gradient against jax.grad of jax.grad on the model's own functions, then a jitted
+    step; without the loss, a one-line error that says what to pass."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 32)
+    x = rng.normal(size=(32, 6)).astype(np.float32) + y[:, None]
+    ce = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    model = _BatchNormMLP(nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule(r".*kernel", family="gradient_l1", k=4, lam=0.1)])
+    with pytest.raises(ValueError, match=r"gradient_l1 is a function of the loss: pass it"):
+        reg.penalty(model)
+
+    graphdef, state = nnx.split(model)
+    kernels = [("hidden", "kernel"), ("head", "kernel")]
+
+    def reference(params):  # reverse-over-reverse, on the model's pure functions
+        def ce_of(params):
+            copy = jax.tree.map(lambda v: v, state)  # new Variables: the model's untouched
+            nnx.replace_by_pure_dict(copy, params)
+            return ce(nnx.merge(graphdef, copy))
+
+        g = jax.grad(ce_of)(params)
+        return 0.1 * sum(jnp.abs(g[a][b]).sum() for a, b in kernels)
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    want, want_grad = jax.value_and_grad(reference)(params)
+    penalty = lambda m: reg.penalty(m, loss=ce)
+    np.testing.assert_allclose(penalty(model), want, rtol=1e-5)  # eager, outside transforms
+    got, got_grad = nnx.value_and_grad(penalty)(model)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got_grad = nnx.to_pure_dict(got_grad)
+    for a, b in [*kernels, ("bn", "scale"), ("hidden", "bias")]:
+        np.testing.assert_allclose(got_grad[a][b], want_grad[a][b], rtol=1e-4, atol=1e-6)
+    after = nnx.to_pure_dict(nnx.state(model))  # the penalty's copy wrote nothing back
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+
+    opt = nnx.Optimizer(model, qj.optimizer(optax.sgd(0.05), reg), wrt=qj.TRAINABLE)
+
+    @nnx.jit
+    def step(model, opt):
+        loss_fn = lambda m: ce(m) + reg.penalty(m, step=opt.step[...], loss=ce)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, qj.TRAINABLE))(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(20)]
+    assert losses[-1] < losses[0] and np.isfinite(losses).all()
