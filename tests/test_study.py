@@ -2,7 +2,9 @@
 step per family across K, the time budget, resume, and the plan's projection."""
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import REPO, write_image_folder
@@ -222,3 +224,19 @@ def test_the_budget_stops_a_search_between_its_trials_and_the_next_command_goes_
     search = json.loads(path.read_text())
     assert search["trials"][0] == first[0] and len(search["trials"]) == 2
     assert (tmp_path / "w" / "cells" / "cnn_small_sine_k2_s0.json").exists()
+
+
+def test_background_lowers_the_process_and_its_sessions_autogroup():
+    """In a child process (a lowered priority cannot be raised again): nice 19, and where
+    the kernel schedules by autogroup, the session's autogroup at 19 too."""
+    code = (
+        "import os, sys; sys.path.insert(0, 'experiments'); import cifar10_study as s; "
+        "print(s.lowest_priority()); print(os.nice(0))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+        start_new_session=True,  # its own autogroup, as a study started with setsid/nohup
+    ).stdout.splitlines()  # fmt: skip
+    assert out[-1] == "19"
+    if Path("/proc/self/autogroup").exists() and "unchanged" not in out[0]:
+        assert out[0].endswith("nice 19") and "autogroup" in out[0]
