@@ -292,14 +292,16 @@ def test_gradient_l1s_hessian_vector_gradient_is_double_backprops_in_float64(dty
             g = jax.grad(_conv_bn_loss)(p, scale, x, y)
             return sum(jnp.abs(v).sum() for v in kernels(g).values())
 
-        want = jax.grad(reference, argnums=(0, 1))(p64, 1.5)
+        want = jax.jit(jax.grad(reference, argnums=(0, 1)))(p64, 1.5)
         cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, dtype), t)
         p, xs = cast(p64), x.astype(dtype)
 
         def penalty(p, scale):  # the scale only reaches the loss through its closure
             return R.gradient_l1(lambda q: _conv_bn_loss(q, scale, xs, y), p, select=kernels)
 
-        value, got = jax.value_and_grad(penalty, argnums=(0, 1))(p, jnp.asarray(1.5, dtype))
+        value, got = jax.jit(jax.value_and_grad(penalty, argnums=(0, 1)))(
+            p, jnp.asarray(1.5, dtype)
+        )
         tol = 1e-12 if dtype == "float64" else 2e-5
         np.testing.assert_allclose(value, reference(p64, 1.5), rtol=tol)
         for name in p64:
