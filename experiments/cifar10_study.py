@@ -331,8 +331,9 @@ class Sweep:
             "holdout_pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
             "live_min": live_levels(q.layers),
         }  # fmt: skip
+        inits = f", init {spec.reg.init}" if family(cell.family).has_reps else ""
         print(f"   search {cell.model} {cell.family}: lambda {lam:g}, start epoch "
-              f"{out['start_epoch']}, init {spec.reg.init}: held-out pre-tuning "
+              f"{out['start_epoch']}{inits}: held-out pre-tuning "
               f"{out['holdout_pre_tuning_accuracy']:.3f} [fp {out['holdout_fp_accuracy']:.3f}]",
               flush=True)  # fmt: skip
         return out
