@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -74,7 +75,47 @@ def device_name() -> str:
     return name
 
 
+def cpu_sample() -> tuple[float, float | None, float]:
+    """(wall seconds, CPU seconds the whole machine was busy or None off Linux, CPU seconds of
+    this process with all its threads): two samples give `others_cpu_share`."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:9]]  # user .. steal
+        idle = ticks[3] + ticks[4]  # idle, iowait
+        busy = (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return time.monotonic(), busy, own.ru_utime + own.ru_stime
+
+
+def others_cpu_share(start, end, cores: int | None = None) -> float | None:
+    """The fraction of the machine's cores that other processes (and a hypervisor's steal)
+    used between two `cpu_sample`s: near 0 on a quiet machine.
+
+    >>> others_cpu_share((0.0, 100.0, 5.0), (10.0, 115.0, 15.0), cores=2)  # 5 of 20 core-s
+    0.25
+    """
+    if start[1] is None or end[1] is None or end[0] <= start[0]:
+        return None
+    cores = cores or os.cpu_count() or 1
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return round(max(0.0, others) / ((end[0] - start[0]) * cores), 3)
+
+
+_STARTED = cpu_sample()  # a benchmark imports this module first
+
+
 def write_json(path: str | None, payload: dict) -> None:
+    """Writes `payload` with the share of the cores other processes used since the benchmark
+    started (its figures' noise: absolute times grow with it, ratios from one interleaved run
+    much less), and says so when that share was not small."""
+    share = others_cpu_share(_STARTED, cpu_sample())
+    if share is not None and share > 0.05:
+        print(f"note: other processes used {share:.0%} of the cores during this run; its "
+              "absolute times are inflated, its ratios (one interleaved run) less so")  # fmt: skip
+    payload = {**payload, "others_cpu_share": share}
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
