@@ -47,7 +47,7 @@ import numpy as np
 from qarjax.compress import size_report
 from qarjax.config import load_config
 from qarjax.families import FAMILIES, family
-from qarjax.files import write_json_atomic
+from qarjax.files import write_atomic, write_json_atomic
 from qarjax.loop import fit
 from qarjax.pipeline import quantize_stage, tune_stage, tuning_trainer
 from qarjax.report import plot_weights
@@ -306,11 +306,16 @@ class Sweep:
 
     def stale(self, cell: Cell, row: dict) -> bool:
         """Whether finished `row` of `cell` trained at another lambda, start or init than its
-        family's search now chooses (the grid was extended, or trials were added)."""
+        family's search now chooses (the grid was extended, or trials were added). A row
+        whose training is still the choice gets the search's current record (the trials added
+        since it ran, which the results page lists)."""
         if not self.searched(cell):
             return False
         chosen, now = row.get("lambda_search", {}), self.search(cell)
-        return any(chosen.get(key) != now.get(key) for key in ("lam", "start", "init"))
+        if any(chosen.get(key) != now.get(key) for key in ("lam", "start", "init")):
+            return True
+        row["lambda_search"] = now
+        return False
 
     def trial(
         self, cell: Cell, k: int, lam: float, start: int | None, init: str | None = None
@@ -917,7 +922,10 @@ def main(argv=None) -> int:
         try:
             if done.exists():
                 row = json.loads(done.read_text())
+                before = json.dumps(row, indent=1)
                 if not sweep.stale(cell, row):
+                    if json.dumps(row, indent=1) != before:  # its search's current record
+                        write_atomic(done, json.dumps(row, indent=1))
                     rows.append(row)
                     continue
                 print(f"== {cell.name}: its family's search now chooses another training; "
@@ -935,7 +943,7 @@ def main(argv=None) -> int:
             stopped += 1
             continue
         sweep.took("cell", time.perf_counter() - t0 - (sweep.trial_seconds - searching))
-        done.write_text(json.dumps(row, indent=1))
+        write_atomic(done, json.dumps(row, indent=1))  # a killed run leaves no torn cell
         rows.append(row)
         print(f"   fp {row['fp_accuracy']:.3f} pre {row['pre_tuning_accuracy']:.3f} post "
               f"{row['post_tuning_accuracy']:.3f} live {row['live_min']}", flush=True)  # fmt: skip

@@ -155,6 +155,16 @@ def test_a_winner_at_the_grids_edge_is_tried_beyond_it_and_a_cell_the_search_out
     study.main(argv)  # all in place: nothing trains, nothing reruns
     assert "== " not in capsys.readouterr().out
 
+    # a trial added to the search that does not change its choice: the cell stands, and its
+    # record (the page's search table) lists the new trial
+    added = dict(lost, start=3, start_epoch=3, holdout_pre_tuning_accuracy=0.0)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "trials": [*record["trials"], added]}))
+    study.main(argv)
+    assert "== " not in capsys.readouterr().out
+    assert added in json.loads(cell.read_text())["lambda_search"]["trials"]
+    assert f"{lost['lam']:g} from epoch 3 = 0.000" in (tmp_path / "out" / "table.md").read_text()
+
     # a search killed after its first trial: the trial on file is reused as it is (here with
     # a score no rerun would give), so the choice moves and the finished cell is outdated
     lost["holdout_pre_tuning_accuracy"] = 2.0
