@@ -43,6 +43,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from benchlib import cpu_sample, others_cpu_share
 
 from qarjax.compress import size_report
 from qarjax.config import load_config
@@ -706,10 +707,18 @@ def stage_times(model: str, rows: list[dict]) -> list[str]:
     train = sum(trained.values())
     quantize = sum(r["quantize_seconds"] for r in mine)
     tune = sum(r["tune_seconds"] for r in mine)
+    shares = [r["others_cpu_share"] for r in mine if r.get("others_cpu_share") is not None]
+    busy = (
+        f" Other processes used {statistics.mean(shares):.0%} of the cores on average during "
+        f"the {len(shares)} cells that recorded it (`others_cpu_share`): their times grow "
+        "with it."
+        if shares
+        else ""
+    )
     return [
         f"CPU time of these cells: train {train / 3600:.2f} h (the plain run "
         f"{sum(plain.values()) / 3600:.2f} h; regularized runs branch off it), quantize "
-        f"{quantize / 60:.1f} min, tune {tune / 60:.1f} min.",
+        f"{quantize / 60:.1f} min, tune {tune / 60:.1f} min.{busy}",
         "",
     ]
 
@@ -934,8 +943,10 @@ def main(argv=None) -> int:
                 stopped += 1
                 continue
             print(f"== {cell.name}", flush=True)
-            t0, searching = time.perf_counter(), sweep.trial_seconds
+            t0, searching, busy = time.perf_counter(), sweep.trial_seconds, cpu_sample()
             row = sweep.run(cell)
+            # the cell's times grow with the CPU that other processes took meanwhile
+            row["others_cpu_share"] = others_cpu_share(busy, cpu_sample())
         except OutOfTime as stop:  # the trials so far are on file; the next invocation goes on
             print(f"   budget: stopped before the {stop}", flush=True)
             if done.exists():  # a finished cell stays on the page until its rerun

@@ -66,8 +66,11 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| softmin |" in table and ") *collapsed*" not in table
     header = (tmp_path / "out" / "table.csv").read_text().splitlines()[0]
-    for column in ("train_seconds", "quantize_seconds", "tune_seconds", "live_min"):
+    for column in ("train_seconds", "quantize_seconds", "tune_seconds", "live_min",
+                   "others_cpu_share"):  # fmt: skip
         assert column in header
+    if Path("/proc/stat").exists():  # the cells' share of the CPU that others took
+        assert "of the cores on average during the 6 cells that recorded it" in table
     cells = list((tmp_path / "w" / "cells").glob("*.json"))
     assert len(cells) == 6 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
 
