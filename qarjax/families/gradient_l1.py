@@ -35,7 +35,7 @@ def gradient_l1_norms(loss_fn: Callable[[Any], jax.Array], params: Any) -> Any:
     (e.g. quantization parameters, images, integer labels): the VJP reaches the
     floating-point ones too.
 
-    >>> loss = lambda p: jnp.sum(p["w"] ** 3)  # its gradient: 3 w^2, whose L1 norm's is 6 w
+    >>> loss = lambda p: jnp.sum(p["w"] ** 3)  # gradient 3 w^2; the gradient of its norm: 6 w
     >>> gradient_l1_norms(loss, {"w": jnp.array([1.0, -2.0])})["w"]
     Array(15., dtype=float32)
     >>> jax.grad(lambda p: gradient_l1_norms(loss, p)["w"])({"w": jnp.array([1.0, -2.0])})
