@@ -273,8 +273,9 @@ class Sweep:
                     raise OutOfTime(f"{cell.model} {cell.family}: search trial lambda {lam:g}")
                 began = time.perf_counter()
                 done[lam, start, init] = self.trial(cell, k, lam, start, init)
-                self.took("trial", time.perf_counter() - began)
-                self.trial_seconds += time.perf_counter() - began
+                seconds = time.perf_counter() - began
+                self.took("trial", seconds)
+                self.trial_seconds += seconds
                 # each score kept at once: a killed search retrains and rescores nothing
                 write_json_atomic(path, {"k": k, "trials": list(done.values())})
             return done[lam, start, init]

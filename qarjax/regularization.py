@@ -454,7 +454,11 @@ class Regularization:
         norms = None
         if any(s.impl.needs_loss for s in layers):
             if ce_of_params is None:
-                raise ValueError("gradient_l1 needs the loss as a function of the params")
+                names = sorted({s.family for s in layers if s.impl.needs_loss})
+                raise ValueError(
+                    f"{', '.join(names)} is a function of the loss: pass it, as "
+                    "reg.penalty(model, step, loss=lambda m: ce(m, x, y))"
+                )
             norms = gradient_l1_norms(ce_of_params, params)  # ||dCE/dW||_1 per leaf
         values = {}
         for s in layers:
@@ -477,13 +481,7 @@ class Regularization:
         need (gradient_l1); it is differentiated on a copy of the model, whose state updates
         (batch statistics, RNG counts) are dropped."""
         tree = as_tree(model)
-        ce_of_params = None
-        if loss is not None:
-            ce_of_params = _loss_of_tree(model, loss)
-        elif any(s.family != "none" and s.impl.needs_loss for s in self.layers):
-            names = sorted({s.family for s in self.layers if s.impl.needs_loss})
-            raise ValueError(f"{', '.join(names)} is a function of the loss: pass it, as "
-                             "reg.penalty(model, step, loss=lambda m: ce(m, x, y))")  # fmt: skip
+        ce_of_params = None if loss is None else _loss_of_tree(model, loss)
         return self.terms(tree, tree, tree, step, ce_of_params)[0]
 
     def _forward_layers(self) -> list[LayerSpec]:
