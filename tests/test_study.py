@@ -182,7 +182,9 @@ def test_a_winner_at_the_grids_edge_is_tried_beyond_it_and_a_cell_the_search_out
     assert json.loads(cell.read_text())["lam"] == lost["lam"]  # rerun at the search's choice
 
 
-def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path, capsys):
+def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(
+    tmp_path, capsys, monkeypatch
+):
     argv, args, sweep = searched_sweep(
         tmp_path, "none,sine", 5, "--search-lambdas", "0.1,1", "--search-start-epochs", "4"
     )
@@ -208,10 +210,23 @@ def test_lambda_search_scores_on_held_out_images_and_reuses_the_winner(tmp_path,
     assert epochs == list(range(branch + 1, 6))  # from the plain run's checkpoint before 4
     assert (tmp_path / "w" / "search" / "cnn_small_sine.json").exists()
     assert rows[0]["lam"] is None  # the plain run has no lambda
+    # the reference a lambda must beat: the plain run scored as a trial is, at the same K
+    plain = search["plain"]
+    assert 0 <= plain["holdout_pre_tuning_accuracy"] <= 1
+    run = sweep.runs[study.Cell("cnn_small", "none", 2, 0, "kmeans").training][0]
+    holdout = run.trainer.device_data(sweep.holdout)
+    fp = run.trainer.evaluate(run.state, data=holdout)["accuracy"]
+    assert plain["holdout_fp_accuracy"] == pytest.approx(fp, abs=1e-6)
 
+    def rescored(*_):
+        raise AssertionError("the plain reference on file is scored again")
+
+    monkeypatch.setattr(study.Sweep, "plain_score", rescored)
     study.main(argv)  # every cell trains nothing new; the page shows the search
+    monkeypatch.undo()  # a new family's search (cosine's, below) scores the plain run
     page = (tmp_path / "out" / "table.md").read_text()
     assert "| sine | " in page and f"**{best['lam']:g}** = " in page
+    assert f"(what a lambda must beat): {plain['holdout_pre_tuning_accuracy']:.3f}" in page
     assert "lambda_search" not in (tmp_path / "out" / "table.csv").read_text()
     with pytest.raises(SystemExit, match="no checkpoint at or before epoch 1"):
         study.main([*argv, "--search-start-epochs", "1,4", "--methods", "cosine"])
