@@ -37,8 +37,9 @@ from qarjax.families import register as register_family  # noqa: E402
 from qarjax.models import register_model  # noqa: E402
 from qarjax.optim import decoupled_pull, optimizer  # noqa: E402
 from qarjax.quantize import QuantizedModel, quantize, register_quantizer  # noqa: E402
-from qarjax.regularization import Regularization, Rule, attach  # noqa: E402
+from qarjax.regularization import Regularization, attach  # noqa: E402
 from qarjax.representatives import TRAINABLE, QuantParam, Representatives  # noqa: E402
+from qarjax.rules import Rule  # noqa: E402
 from qarjax.tune import reestimate_batch_stats, tune  # noqa: E402
 from qarjax.xla_defaults import compiler_options as cpu_compiler_options  # noqa: E402
 

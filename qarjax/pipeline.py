@@ -38,8 +38,8 @@ from qarjax.quantize import (
     quantize_params,
     quantizer,
 )
-from qarjax.regularization import override, select_layers
 from qarjax.report import write_report
+from qarjax.rules import override, select_layers
 from qarjax.spec import RunSpec, as_spec, load_data
 from qarjax.train import Trainer
 from qarjax.trees import path_name

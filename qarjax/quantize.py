@@ -34,7 +34,8 @@ from flax import nnx
 from qarjax.errors import ArtifactError, ConfigError, short
 from qarjax.families import Family, family
 from qarjax.kmeans import assign, kmeans_1d
-from qarjax.regularization import MAX_K, Regularization, Rule, apply_rules
+from qarjax.regularization import Regularization
+from qarjax.rules import MAX_K, Rule, apply_rules
 from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, path_name, set_in
 
 

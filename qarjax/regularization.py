@@ -35,7 +35,6 @@ import dataclasses
 import difflib
 import inspect
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,95 +49,20 @@ from qarjax.families.dynamic import INIT_METHODS
 from qarjax.families.gradient_l1 import gradient_l1_norms
 from qarjax.kmeans import assign, kmeans_1d
 from qarjax.representatives import RANGE_MODES, GridRange, QuantConst, grid_range
+from qarjax.rules import (
+    MAX_K,
+    Rule,
+    apply_rules,
+    check_rule,
+    check_rules_match,
+    override,
+    select_layers,
+    shown,
+)
 from qarjax.trees import Path, as_tree, get_in, leaves_with_paths, merge, path_name, set_in
 
 SCHEDULES = ("constant", "warmup")
 REDUCTIONS = ("sum", "mean")
-MAX_K = 65536
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """Regularize the parameters whose name fully matches `pattern` (e.g. ``.*kernel``).
-
-    The one layer selector of qarjax (`apply_rules`: `attach`, the config runs'
-    ``reg.include`` / ``exclude`` / ``*_overrides`` and ``quant.*`` alike): a parameter's
-    settings come from every rule that reaches it, later rules overriding the fields they set
-    (None: not set). A rule that names a family selects what it reaches; one with
-    ``exclude=True`` deselects it (a later rule with a family may select it again); the
-    others only set fields. A parameter is regularized when its family is not ``none``;
-    `k` (levels, >= 2) is required then; `lam` defaults to 0.1.
-
-    `kernels_only` (default): the rule reaches only weight matrices and conv kernels
-    (parameters of 2 or more dimensions, what the config runs select), never a bias, a
-    batch-norm scale or another vector, whatever its pattern; ``kernels_only=False`` lets it
-    reach those too (named explicitly by its pattern).
-    """
-
-    pattern: str
-    family: str | None = None
-    k: int | None = None
-    lam: float | None = None
-    kernels_only: bool = True
-    exclude: bool = False
-
-    def reaches(self, name: str, ndim: int) -> bool:
-        """Whether this rule applies to the parameter `name` of `ndim` dimensions."""
-        least = 2 if self.kernels_only else 1
-        return ndim >= least and re.fullmatch(self.pattern, name) is not None
-
-
-def apply_rules(params, rules: Sequence[Rule]) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """{name: (path, the fields the rules set)} of the parameters `rules` select, in tree
-    order: the one selector (see `Rule`; later rules win)."""
-    out = {}
-    for path, leaf in leaves_with_paths(as_tree(params, nnx.Param)):
-        selected, fields = rule_fields(path_name(path), np.ndim(leaf), rules)
-        if selected:
-            out[path_name(path)] = (path, fields)
-    return out
-
-
-FIELDS = ("family", "k", "lam")
-
-
-def rule_fields(name: str, ndim: int, rules: Sequence[Rule]) -> tuple[bool, dict[str, Any]]:
-    """(whether `rules` select the parameter `name`, the fields they set on it)."""
-    fields, selected = {}, False
-    for rule in rules:
-        if rule.reaches(name, ndim):
-            if rule.exclude:
-                selected = False
-            elif rule.family is not None:
-                selected = True
-            fields.update({f: getattr(rule, f) for f in FIELDS if getattr(rule, f) is not None})
-    return selected, fields
-
-
-def config_rules(include: str, exclude: str, **fields) -> list[Rule]:
-    """The config's ``include`` / ``exclude`` (regexes searched in the names) as rules that
-    select with `fields` (family, k, lam)."""
-    try:
-        rules = [Rule(f".*(?:{include}).*", **fields)]
-        if exclude:
-            rules.append(Rule(f".*(?:{exclude}).*", exclude=True))
-        for rule in rules:
-            re.compile(rule.pattern)
-    except re.error as e:
-        raise ConfigError(f"bad layer regex: {e}") from None
-    return rules
-
-
-def override_rules(overrides, field: str) -> list[Rule]:
-    """The config's ``regex=value`` overrides of `field` (k or lam) as rules."""
-    return [Rule(pattern, **{field: value}) for pattern, value in overrides]
-
-
-def override(overrides, name: str, default):
-    """The value the ``regex=value`` `overrides` give the kernel `name` (as rules: a later
-    full match wins), else `default`."""
-    rules = [Rule(".*", k=default), *override_rules(overrides, "k")]
-    return rule_fields(name, 2, rules)[1]["k"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,21 +87,6 @@ class LayerSpec:
     def var_path(self, suffix: str) -> Path:
         """Path of this layer's extra variable, e.g. conv1/conv/kernel_reps."""
         return self.path[:-1] + (f"{self.path[-1]}_{suffix}",)
-
-
-def parse_overrides(text: str, cast: Callable[[str], Any], what: str) -> list[tuple[str, Any]]:
-    """Parses 'regex=value,regex=value' into [(regex, value)] (a later full match wins)."""
-    out = []
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        if "=" not in item:
-            raise ConfigError(f"bad {what} override {item!r}: expected regex=value")
-        pattern, value = item.rsplit("=", 1)
-        try:
-            re.compile(pattern)
-            out.append((pattern, cast(value)))
-        except (re.error, ValueError) as e:
-            raise ConfigError(f"bad {what} override {item!r}: {e}") from None
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +132,7 @@ class Regularization:
         if isinstance(rules, (Rule, str)):  # one rule; a string is refused below
             rules = [rules]
         for rule in rules:
-            _check_rule(rule)
+            check_rule(rule)
         for rule in rules:
             if not any(rule.reaches(n, nd) for n, nd in leaves.items()):
                 among = "weight matrices / kernels" if rule.kernels_only else "parameters"
@@ -231,7 +140,7 @@ class Regularization:
                 kernels = [n for n, nd in leaves.items() if nd >= 2 or not rule.kernels_only]
                 raise ConfigError(
                     f"attach rule {rule.pattern!r} fully matches none of the {among} "
-                    f"({_shown(kernels)}){hint}"
+                    f"({shown(kernels)}){hint}"
                 )
         check_range("start_step", start_step, 0, math.inf, integer=True)
         check_range("warmup_steps", warmup_steps, 0, math.inf, integer=True)
@@ -244,7 +153,7 @@ class Regularization:
         reg = cls.build(tree, rules, settings, k_max or 0, start_step, warmup_steps, schedule)
         if not reg.layers:
             names = [n for n, nd in leaves.items() if nd >= 1]
-            raise ConfigError(f"the rules select no parameter of {len(names)} ({_shown(names)})")
+            raise ConfigError(f"the rules select no parameter of {len(names)} ({shown(names)})")
         return reg
 
     @classmethod
@@ -653,51 +562,6 @@ def _cluster_stats(w: jax.Array, grid: jax.Array, resolution) -> dict[str, jax.A
         "rel_dist": jnp.mean(jnp.abs(w - grid[index])) / jnp.maximum(spacing, 1e-30),
         "grid": grid,
     }
-
-
-def select_layers(params: dict, include: str, exclude: str) -> list[Path]:
-    """Paths of the kernels whose name matches `include` (re.search) and not `exclude`: the
-    config's selection (`config_rules`)."""
-    chosen = [
-        p for p, _ in apply_rules(params, config_rules(include, exclude, family="none")).values()
-    ]
-    if not chosen:
-        raise ConfigError(f"reg.include={include!r} (exclude={exclude!r}) selects no weight matrix")
-    return chosen
-
-
-def check_rules_match(overrides, names: list[str], what: str, among="selected layers") -> None:
-    """Refuses an override whose regex fully matches none of `names`."""
-    for pattern, _ in overrides:
-        if not any(re.fullmatch(pattern, n) for n in names):
-            raise ConfigError(
-                f"{what} rule {pattern!r} fully matches none of the {among} ({_shown(names)})"
-            )
-
-
-def _shown(names) -> str:
-    names = list(names)
-    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-
-
-def _check_rule(rule: Rule) -> None:
-    if not isinstance(rule, Rule):
-        raise ConfigError(
-            f"rules are qj.Rule objects (or one Rule), got {rule!r} "
-            f"({type(rule).__name__}): e.g. [qj.Rule(r'.*kernel', family='nearest', k=4)]"
-        )
-    if not isinstance(rule.pattern, str):
-        raise ConfigError(f"a rule's pattern is a regex string, got {short(rule.pattern)}")
-    try:
-        re.compile(rule.pattern)
-    except re.error as e:
-        raise ConfigError(f"bad rule pattern {rule.pattern!r}: {e}") from None
-    if rule.family is not None:
-        family(rule.family)
-    if rule.k is not None:
-        check_range(f"rule {rule.pattern!r}: k", rule.k, 2, MAX_K, integer=True)
-    if rule.lam is not None:
-        check_range(f"rule {rule.pattern!r}: lam", rule.lam, 0.0, math.inf)
 
 
 def check_settings(s: Settings, prefix: str = "") -> None:

@@ -41,15 +41,8 @@ from qarjax.models import check_model
 from qarjax.optim import OPTIMIZERS
 from qarjax.optim import SCHEDULES as LR_SCHEDULES
 from qarjax.quantize import quantizer, resolve
-from qarjax.regularization import (
-    MAX_K,
-    SCHEDULES,
-    Rule,
-    check_settings,
-    config_rules,
-    override_rules,
-    parse_overrides,
-)
+from qarjax.regularization import SCHEDULES, check_settings
+from qarjax.rules import MAX_K, Rule, config_rules, override_rules, parse_overrides
 
 __all__ = [
     "DTYPES", "SCAN_MODES", "DataSpec", "LoopSpec", "ModelSpec", "QuantSpec", "RegSpec",
