@@ -45,7 +45,7 @@ import optax
 
 from qarjax.errors import ConfigError, is_number, short
 from qarjax.regularization import Regularization
-from qarjax.trees import as_tree, is_variable, name_map
+from qarjax.trees import as_tree, is_variable, leaves_with_paths, name_map, path_name
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
@@ -73,28 +73,45 @@ class ScaleByGridSpacingState(NamedTuple):
     """scale_by_grid_spacing keeps no state."""
 
 
-def scale_by_grid_spacing(step: float) -> optax.GradientTransformation:
-    """Scales each representatives vector's update by -step * h, h = (max c - min c)/(K - 1).
+def scale_by_grid_spacing(
+    step: float, ks: dict[str, tuple[str, int]] | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """Scales each representatives vector's update by -step * h, h = (max c - min c)/(K - 1)
+    over its K live entries (a vector is padded beyond K to serve every K up to k_max: see
+    `qarjax.regularization`; the padding never counts).
 
     Chained after `optax.scale_by_adam` (whose updates are about +-1), every representative
-    then moves about `step` grid spacings per update, whatever the layer's scale.
+    then moves about `step` grid spacings per update, whatever the layer's scale and k_max.
+    `ks`: {a representatives leaf's name: (the name of its K variable, the K its rule gave)}.
+    K is read from the ``consts`` extra argument where one is given (``reg.consts(model)``,
+    the K of the run: the train step passes it), else taken from `ks`; a leaf not in `ks` is
+    taken to be unpadded.
     """
+    ks = dict(ks or {})
 
     def init_fn(params):
         del params
         return ScaleByGridSpacingState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, *, consts=None, **extra):
+        del extra
         if params is None:
             raise ValueError("scale_by_grid_spacing needs the params")
+        current = {}
+        if consts is not None:
+            current = {path_name(p): v for p, v in leaves_with_paths(as_tree(consts))}
 
-        def scale(u, c):
-            h = (jnp.max(c) - jnp.min(c)) / jnp.maximum(c.shape[-1] - 1, 1)
+        def scale(name, u, c):
+            k_name, k = ks.get(name, (None, c.shape[-1]))
+            k = current.get(k_name, k)
+            live = jnp.arange(c.shape[-1]) < k
+            span = jnp.max(jnp.where(live, c, -jnp.inf)) - jnp.min(jnp.where(live, c, jnp.inf))
+            h = span / jnp.maximum(k - 1, 1)
             return -step * jnp.maximum(h, 1e-12) * u
 
-        return jax.tree.map(scale, updates, params), state
+        return name_map(scale, updates, params), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class PullState(NamedTuple):
@@ -135,6 +152,7 @@ def decoupled_pull(
     if not 0.0 <= momentum < 1.0:
         raise ConfigError(f"pull_momentum must be in [0, 1), got {momentum}")
     names = reg.variable_labels()
+    inner = optax.with_extra_args_support(inner)  # it gets the consts (each layer's K) too
 
     def init_fn(params):
         trace = jax.tree.map(jnp.zeros_like, params)
@@ -147,7 +165,7 @@ def decoupled_pull(
         strength = reg.strength(state.count)
         g = jax.tree.map(lambda x: strength * x, _penalty_grads(reg, params, consts))
         updates = name_map(lambda n, u, gg: u + gg if n in names else u, updates, g)
-        updates, inner_state = inner.update(updates, state.inner, params)
+        updates, inner_state = inner.update(updates, state.inner, params, consts=consts)
         trace = jax.tree.map(lambda v, gg: momentum * v + gg.astype(v.dtype), state.trace, g)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         pull = lambda n, u, v: u if n in names else u - lr * v.astype(u.dtype)
@@ -196,13 +214,19 @@ def optimizer(
                 f"an optax schedule), got {short(decoupled)}"
             )
     names = reg.variable_labels()
+    ks = {  # each representatives vector's K: the rules' (the consts' where an update has them)
+        path_name(s.var_path(suffix)): (path_name(s.var_path("k")), s.k)
+        for s in reg.layers
+        for suffix, label in s.impl.labels().items()
+        if label == "reps" and "k" in s.impl.suffixes
+    }
 
     def labels(tree):
         return name_map(lambda n, _: names.get(n, "weights"), tree, is_leaf=is_variable)
 
     transforms = {
         "weights": tx,
-        "reps": optax.chain(optax.scale_by_adam(), scale_by_grid_spacing(reps_step)),
+        "reps": optax.chain(optax.scale_by_adam(), scale_by_grid_spacing(reps_step, ks)),
         "scalars": optax.adam(scalars_lr),
     }
     routed = optax.partition(transforms, labels)

@@ -95,7 +95,8 @@ def train_step(s: Steps, state: TrainState, arrays: dict, idx) -> tuple[TrainSta
     (loss, aux), grads = grad_fn(
         s, state.trainable, state.consts, state.batch_stats, images, labels, state.step, dropout_key
     )
-    updates, opt_state = s.tx.update(grads, state.opt_state, state.trainable)
+    # the consts carry each layer's K (the run's), which the representatives' step reads
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.trainable, consts=state.consts)
     trainable = optax.apply_updates(state.trainable, updates)
     new = state.replace(
         step=state.step + 1,

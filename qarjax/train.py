@@ -126,7 +126,7 @@ class Trainer:
         self.data = DeviceData(dataset, self.mesh, train.eval_batch_size)
         self.steps = steps_lib.Steps(
             model_def=self.model_def,
-            tx=self.tx,
+            tx=optax.with_extra_args_support(self.tx),  # a given tx may take no consts
             dtype=self.dtype,
             augmentation=self.augmentation,
             label_smoothing=train.label_smoothing,

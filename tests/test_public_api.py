@@ -133,6 +133,31 @@ def test_the_optimizer_gives_representatives_their_own_step():
     np.testing.assert_allclose(moved, -0.05 * h * g / (np.abs(g) + 1e-8), rtol=1e-4)
 
 
+def test_the_representatives_step_is_in_spacings_of_the_live_grid_whatever_the_padding():
+    x, y = _data(64)
+    model = MLP(nnx.Rngs(0))
+    # out/kernel's K = 8 pads body/kernel's 2 representatives to 8 (one step serves K <= 8)
+    rules = [qj.Rule(r".*kernel", family="nearest", k=2, lam=1.0), qj.Rule(r"out/kernel", k=8)]
+    reg = qj.attach(model, rules)
+    assert model.body.kernel_reps[...].shape == (8,)
+    penalty = nnx.grad(lambda m: reg.penalty(m), argnums=nnx.DiffState(0, qj.TRAINABLE))
+
+    def moved(k: int, **consts) -> tuple[np.ndarray, float]:
+        reps = np.asarray(model.body.kernel_reps[...], np.float64)
+        opt = nnx.Optimizer(model, qj.optimizer(optax.sgd(0.0), reg, reps_step=0.05),
+                            wrt=qj.TRAINABLE)  # fmt: skip
+        grads = penalty(model)
+        g = np.asarray(grads["body"]["kernel_reps"][...], np.float64)
+        opt.update(model, grads, **consts)
+        h = (reps[:k].max() - reps[:k].min()) / (k - 1)
+        step = np.asarray(model.body.kernel_reps[...], np.float64) - reps
+        return step[:k], -0.05 * h * g[:k] / (np.abs(g[:k]) + 1e-8)
+
+    np.testing.assert_allclose(*moved(2), rtol=1e-4)  # the K the rules gave
+    reg.start(model, {"body/kernel": 3, "out/kernel": 8})  # the run's K: the consts say it
+    np.testing.assert_allclose(*moved(3, consts=reg.consts(model)), rtol=1e-4)
+
+
 @pytest.mark.parametrize("tx", [optax.sgd(0.5), optax.adam(0.5)], ids=["sgd", "adam"])
 def test_the_decoupled_pull_is_the_same_step_under_any_optimizer(tx):
     model = MLP(nnx.Rngs(0))

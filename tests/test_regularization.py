@@ -20,6 +20,7 @@ from qarjax.regularization import Regularization
 from qarjax.representatives import QuantParam, Representatives
 from qarjax.spec import build
 from qarjax.train import Trainer
+from qarjax.trees import get_in
 
 
 def _params(model):
@@ -212,6 +213,28 @@ def test_training_with_a_regularizer_clusters_the_weights(tiny_config, family):
     assert reg_acc >= plain_acc - 0.1, (plain_acc, reg_acc)
     for layer in metrics.values():
         assert layer["live"] >= 3 and len(layer["grid"]) == 4 and layer["reg"] >= 0
+
+
+def test_the_train_steps_representatives_move_in_spacings_of_the_runs_k(tiny_config):
+    """A step compiled for k_max = 8 run at K = 2 (the sweep's way: K is data): each live
+    representative's first Adam step is reps_step spacings of its own K-level grid, not of
+    the padded vector's."""
+    tiny_config.reg.update(family="nearest", k=4, k_max=8, lam=1.0, start_epoch=0)
+    trainer = Trainer(tiny_config, make_dataset(n_train=32))  # one step per epoch
+    ks = {name: 2 for name in trainer.reg.ks_for(trainer.spec.reg)}
+    state = trainer.start_regularization(trainer.init_state(), ks)
+    before = jax.device_get(state.qparams)
+    state, _ = trainer.train_epoch(state, 0)
+    after = jax.device_get(state.qparams)
+    for layer in trainer.reg.layers:
+        c0 = np.asarray(get_in(before, layer.var_path("reps")), np.float64)
+        step = np.asarray(get_in(after, layer.var_path("reps")), np.float64)[:2] - c0[:2]
+        h = c0[1] - c0[0]  # two live levels: one spacing
+        moved = np.abs(step) > 0
+        assert moved.any(), layer.name
+        # Adam's first step is g / (|g| + eps), a little short of 1 for these tiny gradients;
+        # the padded vector's spacing would be 7x smaller
+        np.testing.assert_allclose(np.abs(step[moved]), 0.01 * h, rtol=0.02)
 
 
 def _dynamic_layer(family, w, reps, rng=(-1.0, 1.0), k=None):
