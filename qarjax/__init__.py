@@ -11,12 +11,17 @@ model is stored in about log2(K) bits per weight. The public API, on any Flax NN
                       nnx.Optimizer's ``wrt``); representatives are not nnx.Param
   optimizer           an optax transform routing representatives to their own step (and,
                       with ``decoupled=lr``, the pull outside the optimizer)
+  decoupled_pull      that pull around any optax transform (what ``decoupled=lr`` builds)
+  Representatives, QuantParam  the variable types of representatives and other quantization
+                      params; Regularization, what attach returns
+  cpu_compiler_options  the measured XLA:CPU options, for your own ``jax.jit``
   quantize            a model -> QuantizedModel (indices and codebooks per layer)
   allocate_k          a K per layer for a size budget, from each layer's measured sensitivity
+                      (returns an Allocation)
   tune                retrain the codebooks with your loss, indices fixed
   reestimate_batch_stats  batch-norm statistics of the quantized weights, from your batches
   save, load          the compressed model file (``load(path, into=model)``)
-  register_family     add a regularizer family (a `qarjax.families.Family` subclass)
+  register_family     add a regularizer family (a `Family` subclass)
   register_quantizer  add a post-training quantizer (a codebook function of a layer's weights)
   register_model      add a model class for configs and the command line
   QarjaxError         what every refusal raises (one sentence naming the problem)

@@ -152,7 +152,11 @@ def allocate_k(
     if not callable(loss_fn):
         raise ConfigError(f"allocate_k: loss_fn is a function of (model, *batch), got "
                           f"{short(loss_fn)}")  # fmt: skip
-    quantizer(method)
+    if quantizer(method).needs_grid:
+        raise ConfigError(
+            f"allocate_k: method {method!r} needs a family's grid: use a grid-free one "
+            "(kmeans, uniform)"
+        )
     if bits_for(min(ks)) > bits_per_weight:  # before any measuring
         raise _below_smallest(bits_per_weight, min(ks))
     batches = [tuple(b) if isinstance(b, tuple | list) else (b,) for b in batches]

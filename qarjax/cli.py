@@ -64,7 +64,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
         "artifact",
         None,
-        "eval: a compressed model (.safetensors) file instead of the workdir's",
+        "tune / eval: a compressed model (.safetensors) file instead of the workdir's",
         flag_values=fv,
     )
     flags.DEFINE_string("coordinator", None, "multi-host: coordinator HOST:PORT", flag_values=fv)

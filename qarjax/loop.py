@@ -312,7 +312,7 @@ def fit(
                 "epoch_seconds": seconds,
                 "images_per_second": rate,
             }
-            if trainer.reg.layers and (trainer.reg.any_regularized or spec.reg.k >= 2):
+            if trainer.reg.layers:
                 record["layers"] = trainer.regularizer_metrics(state)
             with deferred_stop():  # the epoch's metrics line and its checkpoint go together
                 writer.write(record["step"], record)

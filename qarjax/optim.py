@@ -150,7 +150,7 @@ def decoupled_pull(
     ``opt.update(model, grads, consts=reg.consts(model))``.
     """
     if not 0.0 <= momentum < 1.0:
-        raise ConfigError(f"pull_momentum must be in [0, 1), got {momentum}")
+        raise ConfigError(f"the pull's momentum (pull_momentum) must be in [0, 1), got {momentum}")
     names = reg.variable_labels()
     inner = optax.with_extra_args_support(inner)  # it gets the consts (each layer's K) too
 

@@ -240,8 +240,9 @@ class Regularization:
         for s in self.layers:
             if s.impl.has_grid and not 2 <= ks[s.name] <= self.padded_k(s.name):
                 raise ConfigError(
-                    f"K={ks[s.name]} for {s.name} is outside [2, {self.padded_k(s.name)}]: the "
-                    f"model was built for reg.k_max={self.padded_k(s.name)}"
+                    f"K={ks[s.name]} for {s.name} is outside [2, {self.padded_k(s.name)}]: its "
+                    f"representatives are padded to {self.padded_k(s.name)} (reg.k_max, at "
+                    "most the layer's weights)"
                 )
         return ks
 

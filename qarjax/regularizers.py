@@ -1,8 +1,11 @@
 """Every family's pure terms in one namespace, for notebooks: ``from qarjax import regularizers``.
 
-Each function takes a layer's weights ``w`` (any shape; treated as a flat vector) and returns
-the regularizer under ``reduction``: ``"sum"`` (default) over the weights, ``"mean"``, or
-``"none"`` (the per-weight term rho, shaped like ``w``). No function reads a module, and
+The paper's terms (`sine`, `cosine`, `nearest`, `softmin`) take a layer's weights ``w`` (any
+shape; treated as a flat vector) and return the regularizer under ``reduction``: ``"sum"``
+(default) over the weights, ``"mean"``, or ``"none"`` (the per-weight term rho, shaped like
+``w``); the R^2 terms return their scalar, `gradient_l1` takes ``(loss_fn, params)``, and the
+``*_grid`` / `nearest_index` helpers give the levels a term pulls towards. No function reads a
+module, and
 `jax.grad` works through all of them. They live with their family's class in
 `qarjax.families` (one module per group); the formulas: docs/regularizers.md.
 

@@ -487,8 +487,8 @@ def _reg(c) -> RegSpec:
         raise ConfigError(f"unknown reg.schedule {r.schedule!r}: choose one of {SCHEDULES}")
     _need("reg.warmup_epochs", is_whole(r.warmup_epochs) and r.warmup_epochs >= 0,
           "a whole number >= 0", r.warmup_epochs)  # fmt: skip
-    if not is_whole(r.start_epoch) or r.start_epoch < 0:
-        raise ConfigError("reg.start_epoch and reg.warmup_epochs must be >= 0")
+    _need("reg.start_epoch", is_whole(r.start_epoch) and r.start_epoch >= 0,
+          "a whole number >= 0", r.start_epoch)  # fmt: skip
     if r.family != "none" and r.start_epoch >= c.num_epochs:
         raise ConfigError(
             f"reg.start_epoch={r.start_epoch} is not before num_epochs={c.num_epochs}: "

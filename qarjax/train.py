@@ -258,9 +258,7 @@ class Trainer:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ eval
-    def evaluate(
-        self, state: TrainState | None = None, *, params=None, batch_stats=None, data=None
-    ) -> dict:
+    def evaluate(self, state: TrainState, *, params=None, batch_stats=None, data=None) -> dict:
         """Test loss and accuracy of `state` (or of `params`/`batch_stats` replacing its own).
 
         The state's own params run through the families' forward pass once regularization

@@ -133,6 +133,7 @@ def test_a_budget_below_the_smallest_k_and_bad_arguments_are_one_line(digits):
         ({"bits_per_weight": float("nan")}, "bits_per_weight must be > 0"),
         ({"bits_per_weight": 2, "ks": (1, 4)}, "ks are the candidate K"),
         ({"bits_per_weight": 2, "method": "magic"}, "unknown quantization method 'magic'"),
+        ({"bits_per_weight": 2, "method": "nearest"}, "'nearest' needs a family's grid"),
         ({"bits_per_weight": 2, "include": "nothing"}, "fully matches no kernel"),
     ):
         with pytest.raises(qj.QarjaxError, match=message):

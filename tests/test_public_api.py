@@ -272,7 +272,7 @@ def test_the_decoupled_pull_under_adam_is_sgd_momentums_pull_on_the_loss():
     with pytest.raises(ConfigError, match=r"rules are qj.Rule objects .*got 'nearest' \(str\)"):
         qj.attach(MLP(nnx.Rngs(0)), "nearest")
     reg = qj.attach(MLP(nnx.Rngs(0)), qj.Rule(r".*kernel", family="nearest", k=4))  # one Rule
-    with pytest.raises(ConfigError, match=r"pull_momentum must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"\(pull_momentum\) must be in \[0, 1\)"):
         qj.optimizer(optax.adam(0.1), reg, decoupled=0.1, pull_momentum=1.0)
 
 
