@@ -92,16 +92,19 @@ def cpu_sample() -> tuple[float, float | None, float]:
 
 def others_cpu_share(start, end, cores: int | None = None) -> float | None:
     """The fraction of the machine's cores that other processes (and a hypervisor's steal)
-    used between two `cpu_sample`s: near 0 on a quiet machine.
+    used between two `cpu_sample`s: near 0 on a quiet machine. /proc/stat counts in ticks
+    (10 ms), so over a short interval the count can pass the cores' time: at most 1.
 
     >>> others_cpu_share((0.0, 100.0, 5.0), (10.0, 115.0, 15.0), cores=2)  # 5 of 20 core-s
     0.25
+    >>> others_cpu_share((0.0, 100.0, 5.0), (0.01, 100.05, 5.0), cores=2)  # a tick too many
+    1.0
     """
     if start[1] is None or end[1] is None or end[0] <= start[0]:
         return None
     cores = cores or os.cpu_count() or 1
     others = (end[1] - start[1]) - (end[2] - start[2])
-    return round(max(0.0, others) / ((end[0] - start[0]) * cores), 3)
+    return round(min(1.0, max(0.0, others) / ((end[0] - start[0]) * cores)), 3)
 
 
 _STARTED = cpu_sample()  # a benchmark imports this module first
