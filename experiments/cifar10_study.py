@@ -168,6 +168,7 @@ class Sweep:
         self.tuners: dict = {}  # model -> tuning Trainer
         self.runs: dict = {}  # Cell.training -> (FitResult, own train seconds)
         self.holdout = None  # the validation images of the lambda search
+        self.references: dict = {}  # (model, K) -> the plain run's held-out scores
 
     def fits(self, unit: str) -> bool:
         """Whether one more `unit` ("cell" or "trial") fits in --max-minutes, judged by the
@@ -311,18 +312,26 @@ class Sweep:
 
     def plain_score(self, cell: Cell, k: int) -> dict:
         """The search's reference: `cell`'s model's plain run (seed 0), quantized by k-means
-        at `k` and scored on the held-out images, as a trial is."""
-        plain = Cell(cell.model, "none", k, 0, "kmeans")
-        result, _ = self.train(plain)
+        at `k` and scored on the held-out images, as a trial is (once per model and K: every
+        family's search shares it)."""
+        if (cell.model, k) not in self.references:
+            plain = Cell(cell.model, "none", k, 0, "kmeans")
+            self.references[cell.model, k] = self.holdout_scores(plain, self.train(plain)[0])[0]
+        return self.references[cell.model, k]
+
+    def holdout_scores(self, cell: Cell, result) -> tuple[dict, object]:
+        """`cell`'s trained `result` quantized as its spec says and scored on the held-out
+        images: ({holdout_fp_accuracy, holdout_pre_tuning_accuracy, score_seconds}, the
+        QuantizedModel)."""
         began = time.perf_counter()
-        spec = self.spec_for(plain)
+        spec = self.spec_for(cell)
         holdout = result.trainer.device_data(self.validation(spec))
         q = quantize_stage(result.trainer, result.state, spec, data=holdout)
         return {
             "holdout_fp_accuracy": q.metadata["fp_accuracy"],
             "holdout_pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
             "score_seconds": time.perf_counter() - began,
-        }
+        }, q
 
     def stale(self, cell: Cell, row: dict) -> bool:
         """Whether finished `row` of `cell` trained at another lambda, start or init than its
@@ -344,16 +353,11 @@ class Sweep:
         trial = dataclasses.replace(cell, k=k, seed=0, method="auto", lam=lam, start=start,
                                     init=init)  # fmt: skip
         result, seconds = self.train(trial)
-        began = time.perf_counter()
         spec = self.spec_for(trial)
-        holdout = result.trainer.device_data(self.validation(spec))
-        q = quantize_stage(result.trainer, result.state, spec, data=holdout)
+        scores, q = self.holdout_scores(trial, result)
         out = {
             "lam": lam, "start": start, "start_epoch": spec.reg.start_epoch, "init": init,
-            "init_method": spec.reg.init, "train_seconds": seconds,
-            "score_seconds": time.perf_counter() - began,
-            "holdout_fp_accuracy": q.metadata["fp_accuracy"],
-            "holdout_pre_tuning_accuracy": q.metadata["pre_tuning_accuracy"],
+            "init_method": spec.reg.init, "train_seconds": seconds, **scores,
             "live_min": live_levels(q.layers),
         }  # fmt: skip
         inits = f", init {spec.reg.init}" if family(cell.family).has_reps else ""

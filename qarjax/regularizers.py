@@ -5,8 +5,7 @@ shape; treated as a flat vector) and return the regularizer under ``reduction``:
 (default) over the weights, ``"mean"``, or ``"none"`` (the per-weight term rho, shaped like
 ``w``); the R^2 terms return their scalar, `gradient_l1` takes ``(loss_fn, params)``, and the
 ``*_grid`` / `nearest_index` helpers give the levels a term pulls towards. No function reads a
-module, and
-`jax.grad` works through all of them. They live with their family's class in
+module, and `jax.grad` works through all of them. They live with their family's class in
 `qarjax.families` (one module per group); the formulas: docs/regularizers.md.
 
   - static, no parameters: `sine`, `cosine` (K zeros inside [lo, hi], none outside it);

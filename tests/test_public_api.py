@@ -134,7 +134,6 @@ def test_the_optimizer_gives_representatives_their_own_step():
 
 
 def test_the_representatives_step_is_in_spacings_of_the_live_grid_whatever_the_padding():
-    x, y = _data(64)
     model = MLP(nnx.Rngs(0))
     # out/kernel's K = 8 pads body/kernel's 2 representatives to 8 (one step serves K <= 8)
     rules = [qj.Rule(r".*kernel", family="nearest", k=2, lam=1.0), qj.Rule(r"out/kernel", k=8)]
@@ -142,7 +141,7 @@ def test_the_representatives_step_is_in_spacings_of_the_live_grid_whatever_the_p
     assert model.body.kernel_reps[...].shape == (8,)
     penalty = nnx.grad(lambda m: reg.penalty(m), argnums=nnx.DiffState(0, qj.TRAINABLE))
 
-    def moved(k: int, **consts) -> tuple[np.ndarray, float]:
+    def moved(k: int, **consts) -> tuple[np.ndarray, np.ndarray]:  # (moved, expected)
         reps = np.asarray(model.body.kernel_reps[...], np.float64)
         opt = nnx.Optimizer(model, qj.optimizer(optax.sgd(0.0), reg, reps_step=0.05),
                             wrt=qj.TRAINABLE)  # fmt: skip
