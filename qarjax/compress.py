@@ -26,9 +26,10 @@ before anything is allocated from it: JSON with no duplicate keys, no missing or
 dtypes, shapes, byte ranges that tile the data exactly, bits in [1, 16], 2 <= K <= 2**bits,
 then the checksum, finite values and indices < K. Anything else is refused with one
 ArtifactError line. Its memory: parsing the header (at most MAX_HEADER_BYTES), at most ~16x
-the header's bytes (a header opening more JSON objects and lists than one per 16 bytes is
-refused unparsed; strings are skipped by a scan of O(1) memory); then the
-file's bytes, a copy of the floats, and the indices unpacked to uint8/uint16 (at most 8 bytes
+the header's bytes (a header opening more JSON objects and lists than one per 16 bytes, its
+metadata's JSON texts counted with it, is refused unparsed; strings are skipped by a scan of
+O(1) memory); shapes of at most MAX_ELEMENTS entries, a layer's never empty, and at least
+one layer; then the file's bytes, a copy of the floats, and the indices unpacked to uint8/uint16 (at most 8 bytes
 per packed byte).
 
 Sizes reported (`size_report`): bytes on disk, the compression ratio against float32 as
@@ -72,6 +73,7 @@ METADATA_KEYS = ("format", "format_version", "config", "layers", "metrics", "sha
 LAYER_KEYS = ("bits", "k", "shape")
 TENSOR_KEYS = ("data_offsets", "dtype", "shape")
 MAX_RANK = 8
+MAX_ELEMENTS = 1 << 40  # per tensor: far beyond any model's, far below numpy's index range
 MAX_HEADER_BYTES = 16 << 20  # ~100 bytes a tensor: room for 160,000 tensors and the config
 _SHA_TOKEN = b'"sha256":"%s"'
 _JSON_TOKEN = re.compile(rb'["{[]')  # a string's start, { or [
@@ -238,7 +240,14 @@ def _is_int(x) -> bool:
 
 
 def _is_shape(x) -> bool:
-    return isinstance(x, list) and len(x) <= MAX_RANK and all(_is_int(d) and d >= 0 for d in x)
+    """A list of at most MAX_RANK sizes whose product, zeros read as ones, is at most
+    MAX_ELEMENTS (a zero-size tensor's other sizes must fit a reshape too)."""
+    return (
+        isinstance(x, list)
+        and len(x) <= MAX_RANK
+        and all(_is_int(d) and 0 <= d <= MAX_ELEMENTS for d in x)
+        and math.prod(max(d, 1) for d in x) <= MAX_ELEMENTS
+    )
 
 
 def load(path: str | Path) -> Artifact:
@@ -285,14 +294,18 @@ def _read(path: Path, f, size: int) -> Artifact:
     raw = f.read(n)
     if len(raw) != n:
         fail("the file is shorter than its header length says")
-    if _containers(raw, limit=2 + n // BYTES_PER_CONTAINER):  # each parses to ~60+ bytes
+    # each object or list parses to ~60+ bytes: the header's, and those of the JSON texts
+    # in its metadata strings (parsed next), count against one budget
+    budget = 2 + n // BYTES_PER_CONTAINER
+    budget -= _containers(raw, limit=budget)
+    if budget < 0:
         fail("the header holds more JSON objects and lists than a model file's could")
     header = _parse_json(raw, "header", fail)
     del raw
     if not isinstance(header, dict):
         fail(f"the header is a JSON {type(header).__name__}, not an object")
     data_bytes = size - 8 - n
-    meta, layer_info = _check_metadata(header.pop("__metadata__", None), fail)
+    meta, layer_info = _check_metadata(header.pop("__metadata__", None), budget, fail)
     entries = {name: _check_tensor(name, e, data_bytes, fail) for name, e in header.items()}
     _check_tiling(entries, data_bytes, fail)
     _check_layers(layer_info, entries, fail)
@@ -305,23 +318,23 @@ def _read(path: Path, f, size: int) -> Artifact:
     return _build(entries, layer_info, meta, memoryview(data), fail)
 
 
-def _containers(raw: bytes, limit: int) -> bool:
-    """Whether the JSON text `raw` opens more than `limit` objects and lists (strings skipped;
-    O(len) time and O(1) memory: a regex repetition over a long string would take memory per
-    character; stops at the limit)."""
+def _containers(raw: bytes, limit: int) -> int:
+    """How many objects and lists the JSON text `raw` opens, counted up to `limit` + 1
+    (strings skipped; O(len) time and O(1) memory: a regex repetition over a long string
+    would take memory per character)."""
     count, i = 0, 0
     while (m := _JSON_TOKEN.search(raw, i)) is not None:
         if raw[m.start()] != 0x22:  # { or [
             count += 1
             if count > limit:
-                return True
+                return count
             i = m.end()
             continue
         j = m.end()  # inside a string: its end is the next quote not escaped
         while True:
             j = raw.find(b'"', j)
             if j < 0:
-                return False  # unterminated: the parser refuses it
+                return count  # unterminated: the parser refuses it
             escapes = 0
             while raw[j - 1 - escapes] == 0x5C:  # each backslash run is read once
                 escapes += 1
@@ -329,7 +342,7 @@ def _containers(raw: bytes, limit: int) -> bool:
                 break
             j += 1
         i = j + 1
-    return False
+    return count
 
 
 def _parse_json(raw: bytes | str, what: str, fail):
@@ -344,7 +357,7 @@ def _parse_json(raw: bytes | str, what: str, fail):
         fail(f"corrupt {what}: {type(e).__name__}" + (f": {detail}" if detail else ""))
 
 
-def _check_metadata(meta, fail) -> tuple[dict, dict]:
+def _check_metadata(meta, budget: int, fail) -> tuple[dict, dict]:
     """(metadata with config/metrics parsed, {layer name: {k, bits, shape}}), all checked."""
     if not isinstance(meta, dict):
         fail("the header has no __metadata__ object: not a qarjax compressed model")
@@ -364,6 +377,9 @@ def _check_metadata(meta, fail) -> tuple[dict, dict]:
         fail("__metadata__ sha256 is not 64 lowercase hex digits")
     out = dict(meta)
     for key in ("config", "layers", "metrics"):
+        budget -= _containers(meta[key].encode(), limit=budget)
+        if budget < 0:
+            fail(f"__metadata__ {key} holds more JSON objects and lists than a model's could")
         out[key] = _parse_json(meta[key], f"__metadata__ {key}", fail)
         if not isinstance(out[key], dict):
             fail(f"__metadata__ {key} is a JSON {type(out[key]).__name__}, not an object")
@@ -380,9 +396,11 @@ def _check_metadata(meta, fail) -> tuple[dict, dict]:
             fail(f"{where}: bits must be an integer in [1, 16], got {_show(bits)}")
         if not (_is_int(k) and 2 <= k <= 2**bits):
             fail(f"{where}: K must be an integer in [2, 2**bits = {2**bits}], got {_show(k)}")
-        if not _is_shape(shape):
+        if not _is_shape(shape) or math.prod(shape) == 0:
             fail(f"{where} has a bad shape {_show(shape)}")
         layers[name] = e
+    if not layers:
+        fail("__metadata__ layers is empty: the file holds no quantized layer")
     return out, layers
 
 
@@ -521,7 +539,7 @@ def size_report(params: dict, layers: dict[str, QuantizedLayer], file_bytes: int
             "weights": int(idx.size),
             "k": layer.k,
             "bits_per_weight": bits,
-            "huffman_bits_per_weight": coded / idx.size,
+            "huffman_bits_per_weight": coded / max(idx.size, 1),
             "distinct_values": int(np.unique(np.asarray(layer.codebook)[idx]).size),
         }
         index_bits += idx.size * bits

@@ -43,7 +43,7 @@ from qarjax.rules import override, select_layers
 from qarjax.spec import RunSpec, as_spec, load_data
 from qarjax.train import Trainer
 from qarjax.trees import path_name
-from qarjax.tune import codebook_adam, recompute_batch_stats
+from qarjax.tune import codebook_adam, codebook_length, recompute_batch_stats
 
 QUANTIZE_FACTS = (
     "method",
@@ -64,7 +64,8 @@ def quantization_plan(trainer: Trainer, spec: RunSpec) -> tuple[str, list]:
     q, reg = spec.quant, spec.reg
     method = q.resolved_method(reg)
     if not q.include and q.k == -1 and trainer.reg.layers:
-        return method, [(s.path, s.k) for s in trainer.reg.layers]
+        ks = trainer.reg.ks_for(reg)  # the run's K (a trainer serves several)
+        return method, [(s.path, ks[s.name]) for s in trainer.reg.layers]
     include = q.include or reg.include
     exclude = q.exclude or reg.exclude
     default_k = reg.k if q.k == -1 else q.k
@@ -88,9 +89,6 @@ def quantize_stage(
     method, layers = quantization_plan(trainer, spec)
     grids = None
     if quantizer(method).needs_grid:
-        if trainer.reg.any_regularized:  # the run's K (trainers serve several)
-            ks = trainer.reg.ks_for(spec.reg)
-            layers = [(path, ks.get(path_name(path), k)) for path, k in layers]
         grids = grids_of(trainer.reg, state.params, state.qparams, state.consts)
         for path, k in layers:
             name = path_name(path)
@@ -147,7 +145,7 @@ def tuning_trainer(spec: RunSpec, dataset, q: QuantizedModel, k_max: int | None 
     """The `Tuner` of `q`'s layers (K <= k_max, default the largest K there): reusable for
     every model quantized at those layers (its step compiles once)."""
     spec = as_spec(spec)
-    k_max = k_max or max(q.levels().values())
+    k_max = codebook_length(q, k_max)
     tx = codebook_adam(
         [layer.path for layer in q.layers.values()], spec.quant.tune_learning_rate, k_max=k_max
     )

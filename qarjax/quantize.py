@@ -159,12 +159,14 @@ class QuantizedModel:
                 )
 
     def into(self, model: nnx.Module) -> nnx.Module:
-        """Writes the quantized weights and statistics into `model` (same structure); returns
-        it."""
-        self.check_fits(as_tree(model, nnx.Param), as_tree(model, nnx.BatchStat))
-        nnx.update(model, jax.tree.map(jnp.asarray, self.params))
+        """Writes the quantized weights and statistics into `model` (same structure), each in
+        the dtype of the model's own (a bfloat16 model stays bfloat16); returns it."""
+        params, stats = as_tree(model, nnx.Param), as_tree(model, nnx.BatchStat)
+        self.check_fits(params, stats)
+        cast = lambda ours, theirs: jnp.asarray(ours, jnp.result_type(theirs))  # noqa: E731
+        nnx.update(model, jax.tree.map(cast, self.params, params))
         if jax.tree.leaves(self.batch_stats):
-            nnx.update(model, jax.tree.map(jnp.asarray, self.batch_stats))
+            nnx.update(model, jax.tree.map(cast, self.batch_stats, stats))
         return model
 
     def levels(self) -> dict[str, int]:
@@ -217,7 +219,7 @@ def quantize(
         methods = {s.name: resolve(method, s.impl) for s in reg.layers}
         needs = any(quantizer(m).needs_grid for m in methods.values())
         grids = grids_of(reg, params, tree, tree) if needs else {}
-        layers = [(s.path, len(grids.get(s.name, ())) or s.k) for s in reg.layers]
+        layers = [(s.path, reg.live_k(s, tree, tree)) for s in reg.layers]
         families = {s.name: s.family for s in reg.layers}
     else:
         if k is None:
@@ -305,11 +307,21 @@ def check_k(k: int) -> None:
         raise ConfigError(f"K must be an integer in [2, {MAX_K}], got {k}")
 
 
-@functools.partial(jax.jit, static_argnames=("k", "method"))
 def quantize_array(w: jax.Array, k: int, method: str, grid: jax.Array | None = None):
     """(indices, codebook) of one array under the quantizer `method`; indices has w's shape."""
+    return _quantize_array(w, k, quantizer(method), grid)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "how"))
+def _quantize_array(w, k: int, how: Quantizer, grid):
+    # static on the Quantizer (its function), not its name: a name registered anew compiles anew
     flat = jnp.ravel(w).astype(jnp.float32)
-    codebook = QUANTIZERS[method].codebook(flat, k, grid)
+    codebook = how.codebook(flat, k, grid)
+    if codebook.shape != (k,):
+        raise ConfigError(
+            f"quantizer {how.name!r} gave a codebook of shape {codebook.shape}, not ({k},)"
+        )
+    codebook = jnp.sort(codebook)
     return assign(flat, codebook).reshape(w.shape), codebook
 
 
@@ -344,7 +356,7 @@ def quantize_params(
                 "(a layer regularized by a family with a grid); use kmeans or uniform"
             )
         w = get_in(params, path)
-        indices, codebook = quantize_array(w, k, how.name, grid if how.needs_grid else None)
+        indices, codebook = _quantize_array(w, k, how, grid if how.needs_grid else None)
         layer = QuantizedLayer(path, indices, codebook)
         quantized[layer.name] = layer
         dequantized = set_in(dequantized, path, layer.dequantize().astype(w.dtype))

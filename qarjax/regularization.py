@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qarjax.errors import ConfigError, check_range, is_number, short
+from qarjax.errors import ConfigError, NonFiniteLossError, check_range, is_number, is_whole, short
 from qarjax.families import Family, Settings, family
 from qarjax.families.dynamic import INIT_METHODS
 from qarjax.families.gradient_l1 import gradient_l1_norms
@@ -238,13 +238,17 @@ class Regularization:
         check_rules_match(spec.k_overrides, [s.name for s in self.layers], "reg.k_overrides")
         ks = {s.name: override(spec.k_overrides, s.name, spec.k) for s in self.layers}
         for s in self.layers:
-            if s.impl.has_grid and not 2 <= ks[s.name] <= self.padded_k(s.name):
-                raise ConfigError(
-                    f"K={ks[s.name]} for {s.name} is outside [2, {self.padded_k(s.name)}]: its "
-                    f"representatives are padded to {self.padded_k(s.name)} (reg.k_max, at "
-                    "most the layer's weights)"
-                )
+            self.check_k(s, ks[s.name])
         return ks
+
+    def check_k(self, layer: LayerSpec, k) -> None:
+        """Refuses a K that `layer`'s grid cannot take (its padded length, `padded_k`)."""
+        if layer.impl.has_grid and not (is_whole(k) and 2 <= k <= self.padded_k(layer.name)):
+            raise ConfigError(
+                f"K={k} for {layer.name} is outside [2, {self.padded_k(layer.name)}]: its "
+                f"representatives are padded to {self.padded_k(layer.name)} (reg.k_max, at "
+                "most the layer's weights)"
+            )
 
     def padded_k(self, name: str) -> int:
         """The padded length of a layer's representatives / grid (>= every K it can take):
@@ -289,12 +293,16 @@ class Regularization:
         """Fixes each layer's range and K and starts its family's variables from the
         weights; returns the new (qparams, consts) trees.
 
-        `ks`: K per layer name (see `ks_for`; default: each layer's configured K).
+        `ks`: K per layer name (see `ks_for`; a layer it leaves out: its configured K).
         """
+        unknown = sorted(set(ks or ()) - {s.name for s in self.layers})
+        if unknown:
+            raise ConfigError(f"ks names {unknown[0]!r}, which is not a regularized layer")
         for layer in self.layers:
             if layer.family == "none":
                 continue
-            k = layer.k if ks is None else ks[layer.name]
+            k = (ks or {}).get(layer.name, layer.k)
+            self.check_k(layer, k)
             w = get_in(params, layer.path)
             rng = grid_range(w, self.settings.range_mode, self.settings.given_range)
             consts = set_in(consts, layer.var_path("range"), rng)
@@ -477,7 +485,20 @@ class Regularization:
     def grid_values(self, layer: LayerSpec, params: dict, qparams: dict, consts: dict):
         """The layer's K grid values (host array, sorted): `grid` without its padding."""
         grid = np.asarray(jax.device_get(self.grid(layer, params, qparams, consts)))
-        return grid[np.isfinite(grid)]
+        values = grid[np.isfinite(grid)]
+        if layer.impl.has_grid and values.size != (k := self.live_k(layer, qparams, consts)):
+            raise NonFiniteLossError(
+                f"{layer.name}: {k - values.size} of its K = {k} grid values are not finite "
+                "(NaN or infinite representatives): no K-value codebook can be made"
+            )
+        return values
+
+    def live_k(self, layer: LayerSpec, qparams: dict, consts: dict) -> int:
+        """The K `layer` was started with (`start`'s ks, its ``k`` variable); for a family
+        without one (its training does not depend on K), its rule's K."""
+        if "k" not in layer.impl.suffixes:
+            return layer.k
+        return int(jax.device_get(self._vars(layer, qparams, consts)["k"]))
 
     def metrics(self, params: dict, qparams: dict, consts: dict) -> dict[str, dict[str, Any]]:
         """Per layer: reg (R_l), live (distinct grid values nearest to >= 1 weight; values

@@ -47,6 +47,18 @@ def codewords(w: jax.Array, k_max: int) -> tuple[jax.Array, jax.Array]:
     return codebook, jnp.searchsorted(codebook, flat, side="left").astype(jnp.int32)
 
 
+def codebook_length(q: QuantizedModel, k_max: int | None = None) -> int:
+    """The length tuning pads `q`'s codebooks to: `k_max`, by default `q`'s largest K;
+    one ConfigError for a `q` without layers or a K beyond `k_max` (`codewords` would drop
+    values)."""
+    if not q.layers:
+        raise ConfigError("tune: the quantized model has no quantized layer: nothing to tune")
+    largest = max(q.levels().values())
+    if k_max is not None and k_max < largest:
+        raise ConfigError(f"tune: k_max {k_max} is below the model's largest K ({largest})")
+    return k_max or largest
+
+
 def codebook_adam(paths: list, learning_rate: float, *, k_max: int) -> optax.GradientTransformation:
     """Adam on the codewords of the quantized kernels at `paths` and on every other parameter.
 
@@ -232,10 +244,10 @@ def tune(
         raise ConfigError(f"tune: learning_rate must be > 0 and finite, got {short(learning_rate)}")
     if isinstance(score_every, bool) or not isinstance(score_every, int) or score_every < 0:
         raise ConfigError(f"tune: score_every must be a whole number >= 0, got {score_every!r}")
+    k_max = codebook_length(q)
     q.into(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    k_max = max(q.levels().values())
     tx = codebook_adam([layer.path for layer in q.layers.values()], learning_rate, k_max=k_max)
     opt_state = jax.jit(tx.init)(params)
 

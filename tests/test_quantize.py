@@ -1,5 +1,7 @@
 """The quantization transform, k-means quality, and codebook tuning."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,14 +9,17 @@ import pytest
 from conftest import make_dataset
 from flax import nnx
 
+import qarjax as qj
 from qarjax import data as data_lib
-from qarjax.errors import ConfigError
+from qarjax.errors import ConfigError, NonFiniteLossError
 from qarjax.kmeans import within_cluster_error
 from qarjax.models import create_model
-from qarjax.pipeline import quantize_stage, tune_stage
-from qarjax.quantize import distinct_values, quantize_params
+from qarjax.pipeline import quantization_plan, quantize_stage, tune_stage
+from qarjax.quantize import QUANTIZERS, distinct_values, quantize_params, register_quantizer
+from qarjax.spec import as_spec
 from qarjax.train import Trainer
 from qarjax.trees import get_in, leaves_with_paths, path_name
+from qarjax.tune import codebook_length
 
 
 def _params():
@@ -135,3 +140,86 @@ def test_tuning_never_returns_a_model_worse_on_its_held_out_images(tiny_config):
     tiny_config.quant.tune_holdout = 0.7
     with pytest.raises(ConfigError, match=r"quant.tune_holdout must be in \[0, 0.5\], got 0.7"):
         tune_stage(tiny_config, dataset, q)
+
+
+@pytest.mark.parametrize("family", ["nearest", "lsq", "dkm", "cosine"])
+@pytest.mark.parametrize("method", ["auto", "kmeans", "uniform"])
+def test_quantize_takes_the_k_the_layer_was_started_with_whatever_the_method(family, method):
+    # the rule says 4, the padding 8, the run started at 8: every method quantizes to 8
+    model = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule("kernel", family, k=4)], k_max=8)
+    reg.start(model, ks={"kernel": 8})
+    q = qj.quantize(model, reg, method=method)
+    assert q.levels() == {"kernel": 8}
+    assert distinct_values(q.params["kernel"]) <= 8
+
+
+@pytest.mark.parametrize("ks", [{"kernel": 16}, {"kernel": 1}, {"kernel": 2.0}, {"bias": 4}])
+def test_starting_at_a_k_the_padding_cannot_hold_is_one_error(ks):
+    model = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule("kernel", "lsq", k=4)], k_max=8)
+    with pytest.raises(ConfigError, match="kernel|bias"):
+        reg.start(model, ks=ks)
+
+
+def test_a_nan_representative_is_one_error_not_a_smaller_codebook():
+    model = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+    reg = qj.attach(model, [qj.Rule("kernel", "nearest", k=4)])
+    reg.start(model)
+    reps = model.kernel_reps  # the representatives live beside the kernel
+    reps[...] = reps[...].at[1].set(jnp.nan)
+    with pytest.raises(NonFiniteLossError, match="1 of its K = 4 grid values are not finite"):
+        qj.quantize(model, reg)
+
+
+@pytest.mark.parametrize("family", ["gradient_l1", "nearest"])
+def test_the_pipeline_quantizes_at_the_runs_k_not_the_k_its_trainer_was_built_for(
+    tiny_config, family
+):
+    # one trainer serves every K of a sweep (the study): a run's K is its spec's
+    tiny_config.reg.family, tiny_config.reg.k, tiny_config.reg.k_max = family, 4, 8
+    trainer = Trainer(tiny_config, make_dataset(n_train=64))
+    tiny_config.reg.k = 2
+    tiny_config.reg.k_overrides = "fc1/kernel=8"
+    method, layers = quantization_plan(trainer, as_spec(tiny_config))
+    ks = {path_name(path): k for path, k in layers}
+    assert ks.pop("fc1/kernel") == 8 and set(ks.values()) == {2}, ks
+
+
+def test_a_quantizer_registered_anew_under_a_name_is_the_one_used():
+    def linear(limit):
+        return lambda w, k, grid: jnp.linspace(-limit, limit, k)
+
+    model = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    for limit in (1.0, 0.1):  # a notebook cell rerun with a changed quantizer
+        register_quantizer("linear_test")(linear(limit))
+        try:
+            codebook = qj.quantize(model, method="linear_test", k=4).layers["kernel"].codebook
+        finally:
+            del QUANTIZERS["linear_test"]
+        np.testing.assert_allclose(codebook, np.linspace(-limit, limit, 4), rtol=1e-6)
+
+
+def test_a_quantizers_codebook_of_another_length_is_one_error():
+    register_quantizer("three_levels_test")(lambda w, k, grid: jnp.array([-1.0, 0.0, 1.0]))
+    try:
+        with pytest.raises(ConfigError, match=r"codebook of shape \(3,\), not \(4,\)"):
+            qj.quantize(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), method="three_levels_test", k=4)
+    finally:
+        del QUANTIZERS["three_levels_test"]
+
+
+def test_writing_a_quantized_model_back_keeps_the_models_dtypes():
+    model = nnx.Linear(16, 8, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    qj.quantize(model, method="kmeans", k=4).into(model)
+    assert model.kernel[...].dtype == model.bias[...].dtype == jnp.bfloat16
+
+
+def test_tuning_refuses_a_model_with_no_quantized_layer():
+    model = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    q = qj.quantize(model, method="kmeans", k=4)
+    empty = dataclasses.replace(q, layers={})
+    with pytest.raises(ConfigError, match="no quantized layer"):
+        qj.tune(model, empty, lambda m, x, y: jnp.mean(m(x)), [])
+    with pytest.raises(ConfigError, match="k_max 2 is below the model's largest K \\(4\\)"):
+        codebook_length(q, 2)
