@@ -29,8 +29,8 @@ ArtifactError line. Its memory: parsing the header (at most MAX_HEADER_BYTES), a
 the header's bytes (a header opening more JSON objects and lists than one per 16 bytes, its
 metadata's JSON texts counted with it, is refused unparsed; strings are skipped by a scan of
 O(1) memory); shapes of at most MAX_ELEMENTS entries, a layer's never empty, and at least
-one layer; then the file's bytes, a copy of the floats, and the indices unpacked to uint8/uint16 (at most 8 bytes
-per packed byte).
+one layer; then the file's bytes, a copy of the floats, and the indices unpacked to
+uint8/uint16 (at most 8 bytes per packed byte).
 
 Sizes reported (`size_report`): bytes on disk, the compression ratio against float32 as
 regularizers.md defines it, and the entropy-coded size of the indices (Huffman code lengths
