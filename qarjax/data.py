@@ -30,8 +30,10 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import lzma
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,8 +314,23 @@ def _list_images(path: Path) -> Iterator[tuple[str, bytes]]:
                 if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
                     _check_image_size(member.name, member.size)
                     yield member.name, archive.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            _check_archive_end(archive, path)
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
         raise DataError(f"cannot read archive {path}: {e}") from None
+
+
+def _check_archive_end(archive: tarfile.TarFile, path: Path) -> None:
+    """Refuses an archive whose listing ended before its end: tarfile takes a damaged header
+    after the first for the end of the archive, so what follows the last member must be the
+    zero padding; read to the end, which also checks a compressed stream's checksum."""
+    stream = archive.fileobj
+    stream.seek(archive.offset)
+    while chunk := stream.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            raise DataError(
+                f"cannot read archive {path}: its listing ends at a damaged header (byte "
+                f"{archive.offset} of its tar stream), not at its end"
+            )
 
 
 def _split_name(name: str) -> tuple[str, str] | None:

@@ -342,3 +342,39 @@ def test_an_archive_member_larger_than_an_image_is_refused_unread(tmp_path):
     with pytest.raises(DataError, match=r"image train/class0/huge.png is 67,108,865 bytes: "
                        r"refused unread, an image file may be at most 64 MiB"):  # fmt: skip
         data.load_dataset(f"imagefolder:{archive}")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_an_archive_damaged_after_its_first_member_is_refused_not_cut_short(tmp_path, compressed):
+    """tarfile reads a damaged header after the first as the archive's end: without a check
+    the images before it would load as the whole dataset."""
+    import gzip
+    import tarfile
+
+    folder = write_image_folder(tmp_path / "imgs")
+    archive = tmp_path / "imgs.tar"
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(folder)))
+    blob = bytearray(archive.read_bytes())
+    with tarfile.open(archive) as tar:
+        third = tar.getmembers()[2].offset  # a file's header, beyond the first member
+    blob[third + 148 : third + 156] = b"0000000\0"  # its header checksum, now wrong
+    if compressed:
+        archive = tmp_path / "imgs.tar.gz"
+        blob = gzip.compress(bytes(blob))
+    archive.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="listing ends at a damaged header"):
+        data.load_dataset(f"imagefolder:{archive}", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_compressed_archive_with_flipped_bytes_is_refused(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs")
+    archive = tar_folder(folder, tmp_path / "imgs.tar.gz")
+    blob = bytearray(archive.read_bytes())
+    for i in range(len(blob) // 2, len(blob) // 2 + 200):
+        blob[i] ^= 0x5A
+    archive.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="cannot read archive"):
+        data.load_dataset(f"imagefolder:{archive}", cache_dir=str(tmp_path / "cache"))
