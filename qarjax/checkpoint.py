@@ -47,7 +47,7 @@ def _restore_raw(workdir: str | Path, epoch: int | None, what: str) -> dict:
             raise QarjaxError(f"{what}: no checkpoints in {workdir}")
         raise QarjaxError(
             f"{what}: {workdir} has no checkpoint of epoch {epoch} (it has {have}; train it "
-            "with keep_period set to that epoch)"
+            "with checkpoint_every and keep_period dividing that epoch)"
         )
     try:
         return manager.restore(epoch, args=ocp.args.StandardRestore())["state"]
@@ -124,11 +124,21 @@ class Checkpointer:
         """`keep_period`: also keep every checkpoint whose epoch is a multiple of it (e.g. the
         epoch where regularized runs branch off a plain one)."""
         self.directory = Path(directory).absolute()
+        self._remove_unfinished_steps()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, keep_period=keep_period, create=True
             ),
+        )
+
+    @staticmethod
+    def holds_any(directory: str | Path) -> bool:
+        """Whether `directory` holds a finished checkpoint (see `complete_steps`), read
+        without opening (or creating) it."""
+        directory = Path(directory)
+        return directory.is_dir() and any(
+            f.name.isdigit() and (f / "_CHECKPOINT_METADATA").is_file() for f in directory.iterdir()
         )
 
     def latest_epoch(self) -> int | None:
@@ -138,9 +148,25 @@ class Checkpointer:
 
     def save(self, epoch: int, state: Any) -> None:
         try:
-            self.manager.save(epoch, args=ocp.args.StandardSave(state))
+            saved = self.manager.save(epoch, args=ocp.args.StandardSave(state))
         except Exception as e:  # noqa: BLE001 - orbax raises many types (a full disk, say)
             self._failed(e)
+        if not saved:  # orbax skips a step at or below one it holds, and says so only here
+            raise QarjaxError(
+                f"the checkpoint of epoch {epoch} was not written: {self.directory} already "
+                f"holds epochs up to {max(self.manager.all_steps(), default=0)}"
+            )
+
+    def _remove_unfinished_steps(self) -> None:
+        """Removes the epoch folders orbax never finished (no _CHECKPOINT_METADATA: a save
+        killed where the filesystem renames nothing into place). Restores ignore them
+        (`complete_steps`), but orbax would skip every later save at or below their epoch."""
+        if not self.directory.is_dir():
+            return
+        for folder in self.directory.iterdir():
+            if folder.name.isdigit() and folder.is_dir():
+                if not (folder / "_CHECKPOINT_METADATA").is_file():
+                    shutil.rmtree(folder)
 
     def restore(self, target: Any, epoch: int | None = None) -> Any:
         """Restores into the structure, dtypes and shardings of `target` (arrays or abstract)."""

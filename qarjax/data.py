@@ -305,8 +305,11 @@ def _list_images(path: Path) -> Iterator[tuple[str, bytes]]:
         for file in sorted(path.rglob("*")):
             if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
                 name = file.relative_to(path).as_posix()
-                _check_image_size(name, file.stat().st_size)
-                yield name, file.read_bytes()
+                try:
+                    _check_image_size(name, file.stat().st_size)
+                    yield name, file.read_bytes()
+                except OSError as e:  # unreadable, or removed since the listing
+                    raise DataError(f"cannot read image {file}: {e.strerror or e}") from None
         return
     try:
         with tarfile.open(path, "r:*") as archive:
@@ -420,8 +423,15 @@ def _decode_all(names: list[str], files: dict[str, bytes]) -> np.ndarray:
 def _cache_path(path: Path, cache_dir: str | None) -> Path | None:
     root = Path(cache_dir or os.environ.get("QARJAX_CACHE", "~/.cache/qarjax")).expanduser()
     stat = path.stat()
-    if path.is_dir():  # A folder's key covers its listing, so added or removed files count.
-        listing = sorted((str(p), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+    if path.is_dir():  # A folder's key covers its listing: added, removed or rewritten files
+        try:
+            listing = sorted(
+                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in path.rglob("*")
+                if p.is_file()
+            )
+        except OSError:  # a file removed while listed: no cache (the read names the problem)
+            return None
         fingerprint = hashlib.sha1(repr(listing).encode()).hexdigest()
     else:
         fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"

@@ -51,10 +51,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def deferred_stop():
+def deferred_stop(before_default=lambda: None):
     """Holds SIGINT, SIGTERM and SIGHUP until the block ends, then delivers the first one to
     the handler it would have reached: a stop never falls between an epoch's metrics line and
-    the start of its checkpoint (the checkpoint itself is finished on the way out of `fit`)."""
+    the start of its checkpoint (a handler that raises finishes the checkpoint on the way
+    out of `fit`; where the default action would end the process at once,
+    `before_default` runs first: the checkpoint's wait)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -71,6 +73,7 @@ def deferred_stop():
             if callable(handler):
                 handler(received[0], None)
             elif handler == signal.SIG_DFL:
+                before_default()
                 signal.raise_signal(received[0])
 
 
@@ -101,32 +104,72 @@ def prepare_workdir(workdir: Path, *, resume: bool, overwrite: bool, clear: bool
             "--overwrite to replace it"
         )
     if clear and has_run and overwrite and not resume and jax.process_index() == 0:
-        for marker in RUN_OUTPUTS:
+        # the summary and config first: a removal cut short leaves no finished-looking run
+        for marker in sorted(RUN_OUTPUTS, key=lambda m: m not in ("summary.json", "config.json")):
             path = workdir / marker
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            try:
+                if path.is_dir() and path.is_symlink():  # (to a scratch disk, say) emptied, kept
+                    for child in path.iterdir():
+                        _remove(child)
+                else:
+                    _remove(path)
+            except OSError as e:
+                raise QarjaxError(
+                    f"--overwrite cannot remove {path}: {e.strerror or type(e).__name__}"
+                ) from None
 
 
-def check_resume_config(workdir: Path, spec: RunSpec) -> None:
-    """Refuses to resume a run under a spec that trains differently from the one it was
-    started with (config.json): a longer num_epochs would retrain a finished run, another
-    learning rate would continue it as a different run (`qarjax.spec.training_differences`:
-    K, the loop's keys and quant.* may change). Keys absent from the old file (added to
-    qarjax later) take the new config's values."""
+def check_resume_config(
+    workdir: Path, spec: RunSpec, doing: str = "resume", ignore: tuple[str, ...] = ()
+) -> None:
+    """Refuses to resume (or quantize, tune, branch from: `doing`) a run under a spec that
+    trains differently from the one it was started with (config.json): a longer num_epochs
+    would retrain a finished run, another learning rate would continue it as a different run
+    (`qarjax.spec.training_differences`: K, the loop's keys and quant.* may change; so may
+    the keys starting with one of `ignore`). Keys absent from the old file (added to qarjax
+    later) take the new config's values."""
     path = workdir / "config.json"
     if not path.is_file():
         return
     saved = read_json_object(path, "run's config")
-    differ = spec_lib.saved_differences(saved, spec)
+    differ = [d for d in spec_lib.saved_differences(saved, spec) if not d[0].startswith(ignore)]
     if differ:
         shown = ", ".join(f"{k} {short(a, 40)} -> {short(b, 40)}" for k, a, b in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        raise ConfigError(
-            f"cannot resume {workdir}: the config differs from the run's ({shown}{more}); "
+        advice = (
             "resume with the run's config, or --overwrite to train a new run"
+            if doing == "resume"
+            else f"{doing.split()[0]} with the run's config"
         )
+        raise ConfigError(
+            f"cannot {doing} {workdir}: the config differs from the run's ({shown}{more}); "
+            + advice
+        )
+
+
+def check_restored(trainer: Trainer, state: TrainState, epoch: int, ks, source: Path) -> None:
+    """Refuses a checkpoint (resumed, or branched from) whose step count is not `epoch`
+    epochs of this trainer's (another batch size, dataset size or platform's steps per
+    epoch would shift the schedule and the regularizer's start), or whose regularization,
+    started before `epoch`, trains another K than the config's `ks`."""
+    step = int(jax.device_get(state.step))
+    if step != epoch * trainer.steps_per_epoch:
+        raise ConfigError(
+            f"the checkpoint of epoch {epoch} in {source} is at step {step}, not "
+            f"{epoch} x {trainer.steps_per_epoch} (this config's steps per epoch): it was "
+            "trained with another batch size or dataset"
+        )
+    if not ks or epoch <= trainer.spec.reg.start_epoch:
+        return
+    for layer in trainer.reg.layers:
+        if layer.family == "none":
+            continue
+        k = trainer.reg.live_k(layer, state.qparams, state.consts)
+        if "k" in layer.impl.suffixes and k != ks[layer.name]:
+            raise ConfigError(
+                f"cannot resume {source}: its layer {layer.name} has trained at K = {k} since "
+                f"epoch {trainer.spec.reg.start_epoch}, the config says K = {ks[layer.name]}"
+            )
 
 
 @contextlib.contextmanager
@@ -177,6 +220,13 @@ def state_to_dict(state: TrainState) -> dict:
 
 # TrainState fields renamed since checkpoints were first written (issue 20): a run saved
 # under the old name still resumes and still serves as a branch point.
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 LEGACY_FIELD_NAMES = {"qparams": "quant"}
 
 
@@ -249,7 +299,8 @@ def fit(
     ks = trainer.reg.ks_for(spec.reg) if trainer.reg.any_regularized else None
     reg_start = spec.reg.start_epoch
     state = trainer.init_state()
-    if loop.init_from:  # a pretrained model to start from (resume still wins below)
+    resuming = resume and Checkpointer.holds_any(workdir / "checkpoints")
+    if loop.init_from and not resuming:  # a pretrained model to start from
         params, stats = load_pretrained(
             loop.init_from, jax.device_get(state.params), jax.device_get(state.batch_stats)
         )
@@ -262,17 +313,21 @@ def fit(
         keep_period=loop.keep_period or reg_start or None,
     )
     start_epoch, train_seconds, checkpoints = 0, 0.0, None
-    if resume and (workdir / "checkpoints").is_dir():
+    if resuming:
         checkpoints = open_checkpoints()
-        if checkpoints.latest_epoch() is not None:
-            try:
-                state, start_epoch, train_seconds = restore_latest(checkpoints, state)
-            except BaseException:
-                checkpoints.close()
-                raise
+        try:
+            state, start_epoch, train_seconds = restore_latest(checkpoints, state)
+            check_restored(trainer, state, start_epoch, ks, workdir)
+        except BaseException:
+            checkpoints.close()
+            raise
     if start_epoch == 0 and loop.branch_from:
         start_epoch = loop.branch_epoch
-        state = load_branch_point(loop.branch_from, start_epoch, state)
+        source = Path(loop.branch_from).absolute()
+        # the plain run it continues must have trained as this one would have until then
+        check_resume_config(source, spec, "branch from", ignore=("reg.",))
+        state = load_branch_point(source, start_epoch, state)
+        check_restored(trainer, state, start_epoch, None, source)
     if jax.process_count() > 1:  # every process checks the workdir before process 0 writes
         multihost_utils.sync_global_devices("qarjax: workdir checked")
     main_process = jax.process_index() == 0
@@ -314,7 +369,8 @@ def fit(
             }
             if trainer.reg.layers:
                 record["layers"] = trainer.regularizer_metrics(state)
-            with deferred_stop():  # the epoch's metrics line and its checkpoint go together
+            # the epoch's metrics line and its checkpoint go together
+            with deferred_stop(before_default=checkpoints.wait):
                 writer.write(record["step"], record)
                 if main_process:
                     print(
@@ -325,7 +381,8 @@ def fit(
                         flush=True,
                     )
                 last = epoch + 1 == spec.train.num_epochs
-                if (epoch + 1) % loop.checkpoint_every == 0 or last:
+                # the regularizer's start is saved too: the branch point of runs continuing it
+                if (epoch + 1) % loop.checkpoint_every == 0 or last or epoch + 1 == reg_start:
                     checkpoints.save(
                         epoch + 1,
                         {

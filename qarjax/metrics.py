@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from qarjax.errors import QarjaxError
+from qarjax.errors import QarjaxError, is_whole, short
 
 
 def to_python(value: Any) -> Any:
@@ -76,6 +76,8 @@ class MetricsWriter:
 
     def truncate_after(self, epoch: int) -> None:
         """Drops lines for epochs > `epoch` (a resumed run redoes them)."""
+        from qarjax.files import write_atomic  # files imports this module
+
         if not (self.enabled and self.path.exists()):
             return
         keep = []
@@ -85,7 +87,7 @@ class MetricsWriter:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        self.path.write_text("".join(k + "\n" for k in keep))
+        write_atomic(self.path, "".join(k + "\n" for k in keep))  # a kill keeps the old file
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -124,6 +126,11 @@ def check_metrics_file(path: Path) -> None:
             raise QarjaxError(f"{path} line {n} holds a JSON {type(record).__name__}, not a "
                               "metrics record (an object): fix or remove the line, or start "
                               "over with --overwrite")  # fmt: skip
+        epoch = record.get("epoch", 0)
+        if not (is_whole(epoch) and epoch >= 0):
+            raise QarjaxError(f"{path} line {n}: its epoch {short(epoch, 40)} is not a whole "
+                              "number >= 0: fix or remove the line, or start over with "
+                              "--overwrite")  # fmt: skip
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -27,6 +27,7 @@ from qarjax.files import read_json_object, write_json_atomic
 from qarjax.loop import (
     FitResult,
     TrainState,
+    check_resume_config,
     check_writable,
     fit,
     restore_latest,
@@ -218,11 +219,16 @@ def tune_stage(
 # ----------------------------------------------------------------------------- CLI stages
 
 
-def _restore_trained(spec: RunSpec, workdir: Path, dataset) -> tuple[Trainer, TrainState]:
+def _restore_trained(
+    spec: RunSpec, workdir: Path, dataset, doing: str = "quantize"
+) -> tuple[Trainer, TrainState]:
+    """The trained run in `workdir`: its Trainer under `spec` (which must train as the run's
+    config.json did: K and quant.* may differ) and its latest state."""
+    if not Checkpointer.holds_any(workdir / "checkpoints"):
+        raise QarjaxError(f"no trained run in {workdir}: run `qarjax train` first")
+    check_resume_config(workdir, spec, doing)
     trainer = Trainer(spec, dataset)
     checkpoints = Checkpointer(workdir / "checkpoints")
-    if checkpoints.latest_epoch() is None:
-        raise QarjaxError(f"no trained run in {workdir}: run `qarjax train` first")
     state, _, _ = restore_latest(checkpoints, trainer.init_state())
     checkpoints.close()
     return trainer, state
@@ -286,7 +292,7 @@ def run_pipeline(
     restored = resume and summary_file.exists()
     if restored:  # a finished run, quantized again (another K, say): nothing is trained
         summary = read_json_object(summary_file, "run's summary")  # before the restore
-        trainer, state = _restore_trained(spec, workdir, dataset)
+        trainer, state = _restore_trained(spec, workdir, dataset, "resume")
         fit_result = FitResult(summary, state, trainer)
     else:
         fit_result = fit(spec, workdir, resume=resume, overwrite=overwrite, dataset=dataset)
@@ -354,6 +360,8 @@ def run_command(command: str, spec: RunSpec, args) -> None:
             source = workdir / "quantized.safetensors"
         loaded = compress.load_model(source)
         _check_matches(loaded, spec, source, None if args.artifact else workdir)
+        if command == "tune" and not args.artifact:  # tuned on the run's own data
+            check_resume_config(workdir, spec, "tune")
     dataset = load_data(spec.data)
     if command == "quantize":
         trainer, state = _restore_trained(spec, workdir, dataset)

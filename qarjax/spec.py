@@ -242,6 +242,8 @@ def training_differences(a: RunSpec, b: RunSpec) -> list[tuple[str, Any, Any]]:
             for k, v in dataclasses.asdict(getattr(spec, part)).items():
                 if f"{part}.{k}" not in ("reg.k", "reg.k_overrides"):
                     out[f"{part}.{k}"] = v
+        if spec.reg.k_max == -1:  # the padding it means
+            out["reg.k_max"] = spec.reg.k
         return out
 
     fa, fb = fields(a), fields(b)
@@ -374,6 +376,10 @@ def _data(c) -> DataSpec:
         )
     pad, flip = c.augment.crop_padding, c.augment.flip
     data_lib.check_augmentation(pad, flip)
+    _need("dataset", isinstance(c.dataset, str) and c.dataset.strip(), "a dataset name",
+          c.dataset)  # fmt: skip
+    if c.dataset.startswith("imagefolder:") and not c.dataset.removeprefix("imagefolder:"):
+        raise ConfigError("dataset imagefolder: needs a path (imagefolder:PATH)")
     return DataSpec(
         name=c.dataset,
         data_dir=c.data_dir or None,
@@ -430,6 +436,16 @@ def _train(c) -> TrainSpec:
                 f"lr_boundaries must be comma-separated epochs such as '30,45', "
                 f"got {short(c.lr_boundaries)}"
             ) from None
+        inside = all(warmup < b < c.num_epochs for b in bounds)
+        if not inside or list(bounds) != sorted(set(bounds)):
+            raise ConfigError(
+                f"lr_boundaries {short(c.lr_boundaries)} must be rising epochs after the "
+                f"warm-up ({warmup}) and before num_epochs ({c.num_epochs})"
+            )
+    elif str(c.lr_boundaries).strip():
+        raise ConfigError(
+            f"lr_boundaries={short(c.lr_boundaries)} is for lr_schedule=step, not {c.lr_schedule!r}"
+        )
     return TrainSpec(
         num_epochs=int(c.num_epochs),
         batch_size=int(c.batch_size),
@@ -453,10 +469,15 @@ def _train(c) -> TrainSpec:
 def _loop(c) -> LoopSpec:
     for key, low in (("checkpoint_every", 1), ("keep_checkpoints", 1), ("keep_period", 0)):
         value = c[key]
-        if not (isinstance(value, int) and value >= low):
+        if not (is_whole(value) and value >= low):
             raise ConfigError(f"{key} must be an integer >= {low}, got {short(value)}")
     branch = c.branch_epoch
     _need("branch_epoch", is_whole(branch), "a whole number (-1: reg.start_epoch)", branch)
+    if c.branch_from and c.init_from:
+        raise ConfigError(
+            "branch_from and init_from are both set: a branched run continues branch_from's "
+            "weights, so init_from would be ignored (set one)"
+        )
     if c.branch_from:
         branch = c.reg.start_epoch if branch < 0 else branch
         if c.reg.family != "none" and branch > c.reg.start_epoch:
@@ -493,6 +514,12 @@ def _reg(c) -> RegSpec:
         raise ConfigError(
             f"reg.start_epoch={r.start_epoch} is not before num_epochs={c.num_epochs}: "
             f"the {r.family} regularizer would never start"
+        )
+    regularized = c.num_epochs - r.start_epoch
+    if r.family != "none" and r.schedule == "warmup" and r.warmup_epochs > regularized:
+        raise ConfigError(
+            f"reg.warmup_epochs={r.warmup_epochs} is longer than the regularized epochs "
+            f"({regularized}): lambda would never reach its full value"
         )
     if r.k_max != -1:
         check_range("reg.k_max", r.k_max, 2, MAX_K, integer=True)
@@ -541,7 +568,9 @@ def _quant(c) -> QuantSpec:
     if q.method != "auto" and quantizer(q.method).needs_grid and not family(c.reg.family).has_grid:
         raise ConfigError(f"method {q.method!r} needs a grid: reg.family {c.reg.family!r} has none")
     if q.k != -1 and not (is_whole(q.k) and 2 <= q.k <= MAX_K):
-        raise ConfigError(f"K must be an integer in [2, {MAX_K}], got {short(q.k)}")
+        raise ConfigError(
+            f"quant.k must be -1 (reg.k) or an integer in [2, {MAX_K}], got {short(q.k)}"
+        )
     for key in ("include", "exclude"):
         _regex(f"quant.{key}", q[key])
     if not (is_whole(q.batch_stats_batches) and q.batch_stats_batches >= 1):

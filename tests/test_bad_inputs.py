@@ -100,7 +100,8 @@ ROWS = [
         r"reg.k_max must be in \[2, 65536\], got 65537"),
     Row("config", "k_max below k", (*TRAIN, "--config.reg.k=8", "--config.reg.k_max=4"),
         r"reg.k_max=4 is below reg.k=8"),
-    Row("config", "quant.k = 1", (*TRAIN, "--config.quant.k=1"), r"K must be an integer in \[2, "),
+    Row("config", "quant.k = 1", (*TRAIN, "--config.quant.k=1"),
+        r"quant.k must be -1 \(reg.k\) or an integer in \[2, "),
     Row("config", "range_lo infinite (unused by the family, still checked)",
         (*TRAIN, "--config.reg.range_lo=-inf"), r"reg.range_lo must be in \[-inf, inf\], got -inf"),
     Row("config", "lambda infinite", (*TRAIN, "--config.reg.lam=inf"),
@@ -202,6 +203,10 @@ ROWS = [
         ("--config", "configs/demo.py", "--workdir", "{tmp}/list_metrics",
          "--config.dataset={data}", "--resume"),
         r"metrics.jsonl line 2 holds a JSON list, not a metrics record"),
+    Row("runs", "train --resume with a metrics line whose epoch is not a number",
+        ("--config", "configs/demo.py", "--workdir", "{tmp}/str_epoch_metrics",
+         "--config.dataset={data}", "--resume"),
+        r"metrics.jsonl line 2: its epoch '3' is not a whole number >= 0"),
     Row("runs", "train --resume with a metrics line that is not UTF-8",
         ("--config", "configs/demo.py", "--workdir", "{tmp}/binary_metrics",
          "--config.dataset={data}", "--resume"), r"metrics.jsonl line 2 is not UTF-8 text"),
@@ -345,6 +350,7 @@ def world(tmp_path_factory):
     damaged = {  # workdirs whose files a resume, run or eval reads back, each broken one way
         "list_metrics": {"metrics.jsonl": b'{"epoch": 1}\n[1, 2]\n{"epoch": 2}\n'},
         "binary_metrics": {"metrics.jsonl": b'{"epoch": 1}\n\xff\xfe{}\n'},
+        "str_epoch_metrics": {"metrics.jsonl": b'{"epoch": 1}\n{"epoch": "3"}\n'},
         "corrupt_summary": {"summary.json": b'{"steps": '},
         "list_summary": {"summary.json": b"[]"},
     }
@@ -390,7 +396,8 @@ def _prepare(row: Row, world: dict, index: int) -> list[str]:
                  "exits.py", "partial.py", "self.flags", "fifo"):  # fmt: skip
         (tmp / name).symlink_to(world["tmp"] / name)
     for name in ("empty_class", "corrupt", "locked", "one_class", "bomb", "list_metrics",
-                 "binary_metrics", "corrupt_summary", "list_summary"):  # fmt: skip
+                 "binary_metrics", "str_epoch_metrics", "corrupt_summary",
+                 "list_summary"):  # fmt: skip
         (tmp / name).symlink_to(world["tmp"] / name, target_is_directory=True)
     if "model" in row.extra:
         blob = _model_file((world["tmp"] / "good.safetensors").read_bytes(), row.extra["model"])

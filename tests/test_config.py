@@ -71,3 +71,39 @@ def test_a_config_lacking_keys_or_exiting_is_one_line(tmp_path):
     (tmp_path / "exits.py").write_text("import sys\n\ndef get_config():\n    sys.exit(3)\n")
     with pytest.raises(ConfigError, match=r"config .*exits.py: it called sys.exit\(3\)"):
         load_config(str(tmp_path / "exits.py"))
+
+
+def _set(config, dotted: str, value) -> None:
+    *parents, key = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[key] = value
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"dataset": None}, r"dataset must be a dataset name, got None"),
+        ({"dataset": "imagefolder:"}, r"dataset imagefolder: needs a path"),
+        ({"lr_schedule": "step", "lr_boundaries": "5,5"}, r"lr_boundaries '5,5' must be rising"),
+        ({"lr_schedule": "step", "lr_boundaries": "-1"}, r"after the warm-up \(1\)"),
+        ({"lr_schedule": "step", "lr_boundaries": "10"}, r"before num_epochs \(10\)"),
+        ({"lr_boundaries": "5"}, r"lr_boundaries='5' is for lr_schedule=step, not 'cosine'"),
+        ({"reg.family": "nearest", "reg.start_epoch": 8, "reg.schedule": "warmup",
+          "reg.warmup_epochs": 3}, r"reg.warmup_epochs=3 is longer than the regularized epochs"),
+        ({"checkpoint_every": True}, r"checkpoint_every must be an integer >= 1, got True"),
+        ({"branch_from": "/a", "init_from": "/b"}, r"branch_from and init_from are both set"),
+        ({"quant.k": 1}, r"quant.k must be -1 \(reg.k\) or an integer in \[2, 65536\], got 1"),
+    ],
+)  # fmt: skip
+def test_a_config_value_that_would_crash_later_or_be_ignored_is_refused(values, message):
+    from qarjax.spec import build
+
+    config = default_config()
+    config.num_epochs = 10
+    with config.unlocked():
+        for key, value in values.items():
+            _set(config, key, value)
+    with pytest.raises(ConfigError, match=message):
+        build(config)

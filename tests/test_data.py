@@ -1,7 +1,9 @@
 """Dataset loading (image folders, archives, the embedded set), caching, and augmentation."""
 
 import dataclasses
+import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -378,3 +380,30 @@ def test_a_compressed_archive_with_flipped_bytes_is_refused(tmp_path):
     archive.write_bytes(bytes(blob))
     with pytest.raises(DataError, match="cannot read archive"):
         data.load_dataset(f"imagefolder:{archive}", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_rewritten_image_of_the_same_size_is_not_served_from_the_cache(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", per_class=(4, 2))
+    cache = str(tmp_path / "cache")
+    first = data.load_dataset(f"imagefolder:{folder}", cache_dir=cache)
+    image = sorted((folder / "train").rglob("*.png"))[0]
+    pixels = np.asarray(Image.open(image))
+    Image.fromarray(255 - pixels).save(image)  # a PNG of other pixels (its size may match)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    second = data.load_dataset(f"imagefolder:{folder}", cache_dir=cache)
+    assert not np.array_equal(first.train_images, second.train_images)
+
+
+def test_an_unreadable_image_is_one_error_naming_it(tmp_path, monkeypatch):
+    folder = write_image_folder(tmp_path / "imgs", per_class=(4, 2))
+    image = sorted((folder / "train").rglob("*.png"))[0]
+    read = Path.read_bytes
+
+    def denied(self):  # a permission the test's user (root, say) cannot be denied for real
+        if self == image:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DataError, match=f"cannot read image {image}: Permission denied"):
+        data.load_dataset(f"imagefolder:{folder}", cache_dir=str(tmp_path / "cache"))

@@ -58,7 +58,7 @@ def test_run_resume_with_another_k_restores_and_says_so(trained, tmp_path):
     args = ("--config", "configs/demo.py", "--workdir", str(copy), "--resume", data, *BASE)
     refused = run_cli("run", *args, "--config.reg.k=2")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert "kernel_reps of shape (4,), this config's is (2,)" in refused.stderr
+    assert "differs from the run's (reg.k_max 4 -> 2)" in refused.stderr  # k_max -1: K pads
     refused = run_cli("run", *args, "--config.reg.k=2", "--config.reg.k_max=4")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "was trained towards K = 4 (its grid), not 2" in refused.stderr
@@ -84,10 +84,38 @@ def test_quantize_tune_eval_commands(trained):
 
 
 @pytest.mark.parametrize(
+    "command, extra, message",
+    [
+        ("quantize", "--config.reg.lam=0.5", r"cannot quantize .*run: .*reg.lam 3.0 -> 0.5"),
+        ("tune", "--config.seed=3", r"cannot tune .*run: .*seed 0 -> 3\); tune with the run's"),
+        ("run", "--config.learning_rate=0.5", r"cannot resume .*train.learning_rate"),
+    ],
+)
+def test_a_later_stage_under_a_config_that_trains_otherwise_is_refused(
+    trained, command, extra, message
+):
+    folder, workdir, args = trained
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    resume = ("--resume",) if command == "run" else ()
+    result = run_cli(
+        command, *args, f"--config.dataset=imagefolder:{folder}", *BASE, extra, *resume
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert re.search(message, result.stderr), result.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
     "extra, message",
     [
-        (("--config.quant.k=1",), r"K must be an integer in \[2, 65536\], got 1"),
-        (("--config.quant.k=70000",), r"K must be an integer in \[2, 65536\], got 70000"),
+        (
+            ("--config.quant.k=1",),
+            r"quant.k must be -1 \(reg.k\) or an integer in \[2, 65536\], got 1",
+        ),
+        (
+            ("--config.quant.k=70000",),
+            r"quant.k must be -1 \(reg.k\) or an integer in \[2, 65536\], got 70000",
+        ),
         (("--config.quant.method=median",), "unknown quantization method 'median'"),
     ],
 )

@@ -88,3 +88,13 @@ def test_a_branched_run_equals_the_run_from_scratch(tiny_config, tmp_path):
     tiny_config.branch_epoch = 3
     with pytest.raises(ConfigError, match="branch_epoch=3 is after reg.start_epoch=2"):
         fit(tiny_config, tmp_path / "b3", dataset=dataset)
+    tiny_config.branch_epoch = -1
+    # a plain run that trained otherwise until the branch point: refused, naming the key
+    other = tiny_config.copy_and_resolve_references()
+    other.seed = 1
+    with pytest.raises(ConfigError, match=r"cannot branch from .*plain: .*seed 0 -> 1"):
+        fit(other, tmp_path / "seed", dataset=dataset)
+    # another count of steps per epoch (here the data's size; a platform's scan mode can
+    # do it too) would shift the schedule and the regularizer's start
+    with pytest.raises(ConfigError, match=r"epoch 2 in .*plain is at step 8, not 2 x 2"):
+        fit(tiny_config, tmp_path / "half", dataset=make_dataset(n_train=64))

@@ -1,6 +1,9 @@
 """The train step and fit loop: sharding, compile-once, exact resume, and bad input."""
 
+import shutil
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_dataset
@@ -132,12 +135,29 @@ def test_overwrite_removes_nothing_until_the_new_run_passed_its_checks(tiny_conf
         assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
 
 
-def test_an_empty_checkpoint_folder_does_not_block_resuming(tiny_config, tmp_path):
+def test_an_unfinished_checkpoint_folder_neither_blocks_resuming_nor_later_saves(
+    tiny_config, tmp_path
+):
+    from qarjax.checkpoint import Checkpointer
+
     tiny_config.num_epochs = 2
     dataset = make_dataset(n_train=64)
     fit(tiny_config, tmp_path, dataset=dataset, stop_after_epoch=1)
-    (tmp_path / "checkpoints" / "99").mkdir()
+    (tmp_path / "checkpoints" / "99").mkdir()  # orbax would skip every save below 99
     assert fit(tiny_config, tmp_path, dataset=dataset, resume=True).summary["epochs"] == 2
+    assert Checkpointer(tmp_path / "checkpoints").latest_epoch() == 2  # epoch 2 was saved
+    assert not (tmp_path / "checkpoints" / "99").exists()
+
+
+def test_a_checkpoint_orbax_declines_to_write_is_one_error(tmp_path):
+    from qarjax.checkpoint import Checkpointer
+
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
+    checkpoints.save(3, {"a": jnp.ones(2)})
+    checkpoints.wait()
+    with pytest.raises(QarjaxError, match="epoch 2 was not written: .* holds epochs up to 3"):
+        checkpoints.save(2, {"a": jnp.ones(2)})
+    checkpoints.close()
 
 
 def test_a_plain_run_keeps_its_branch_point_by_default(tiny_config, tmp_path):
@@ -146,6 +166,9 @@ def test_a_plain_run_keeps_its_branch_point_by_default(tiny_config, tmp_path):
     fit(tiny_config, tmp_path, dataset=make_dataset(n_train=64))
     # its multiples are kept (orbax's keep_period), and the latest
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4, 5]
+    tiny_config.checkpoint_every = 3  # saved at 3 and 5, and at 2 all the same
+    fit(tiny_config, tmp_path / "sparse", dataset=make_dataset(n_train=64))
+    assert sorted(int(p.name) for p in (tmp_path / "sparse" / "checkpoints").iterdir()) == [2, 5]
 
 
 def test_summary_has_the_promised_keys(tiny_config, tmp_path):
@@ -236,3 +259,42 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_checkpoints(tiny_config,
     assert not list((workdir / "checkpoints").glob("*tmp*"))  # the unfinished one removed
     filler.unlink()
     assert fit(tiny_config, workdir, dataset=dataset, resume=True).summary["epochs"] == 2
+
+
+def test_resume_refuses_another_k_once_regularization_has_started(tiny_config, tmp_path):
+    """K is data in the compiled step, so a resumed run could silently go on at the old K
+    (its consts) while config.json said the new one."""
+    tiny_config.num_epochs, tiny_config.reg.start_epoch = 3, 1
+    tiny_config.reg.family, tiny_config.reg.k, tiny_config.reg.k_max = "nearest", 4, 8
+    dataset = make_dataset(n_train=64)
+    fit(tiny_config, tmp_path, dataset=dataset, stop_after_epoch=2)
+    tiny_config.reg.k = 8
+    with pytest.raises(ConfigError, match=r"has trained at K = 4 since epoch 1, .* says K = 8"):
+        fit(tiny_config, tmp_path, dataset=dataset, resume=True)
+    tiny_config.reg.k = 4
+    assert fit(tiny_config, tmp_path, dataset=dataset, resume=True).summary["epochs"] == 3
+
+
+def test_resuming_needs_no_init_from_run_any_more(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    dataset = make_dataset(n_train=64)
+    fit(tiny_config, tmp_path / "plain", dataset=dataset)
+    tiny_config.num_epochs, tiny_config.init_from = 2, str(tmp_path / "plain")
+    fit(tiny_config, tmp_path / "run", dataset=dataset, stop_after_epoch=1)
+    shutil.rmtree(tmp_path / "plain")  # the checkpoint replaces its weights anyway
+    assert fit(tiny_config, tmp_path / "run", dataset=dataset, resume=True).summary["epochs"] == 2
+
+
+def test_overwrite_empties_a_linked_checkpoint_folder_and_keeps_the_link(tiny_config, tmp_path):
+    tiny_config.num_epochs = 1
+    dataset = make_dataset(n_train=64)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    fit(tiny_config, tmp_path / "run", dataset=dataset, overwrite=True)  # a folder: a run
+    assert [p.name for p in scratch.iterdir()] == ["1"]
+    tiny_config.seed = 1
+    fit(tiny_config, tmp_path / "run", dataset=dataset, overwrite=True)
+    assert (tmp_path / "run" / "checkpoints").is_symlink()
+    assert [p.name for p in scratch.iterdir()] == ["1"]  # the new run's
