@@ -110,7 +110,7 @@ def choose(
                 front.append(option)
                 lowest = option[1]
         if not front:
-            raise _below_smallest(bits_per_weight, min(min(s) for s in sensitivity.values()))
+            raise _below_smallest(bits_per_weight, min(min(s) for s in sensitivity.values() if s))
     return dict(zip(sensitivity, min(front, key=lambda o: o[1])[2], strict=True))
 
 
@@ -193,6 +193,12 @@ def allocate_k(
             tree = set_in(tree, path, quantized[name, k[name]])
         return tree
 
+    for path, name in zip(layers, names, strict=True):
+        if not any((name, k) in quantized for k in ks):
+            raise ConfigError(
+                f"allocate_k: {name} has {get_in(params, path).size} weights, fewer than every "
+                f"K in ks={ks}: add a smaller K or exclude it (include=)"
+            )
     float_loss = loss_of(params)
     sensitivity = {}
     for path, name in zip(layers, names, strict=True):

@@ -87,5 +87,7 @@ def grid_range(w: jax.Array, mode: str = "quantile", given: tuple[float, float] 
         lo, hi = jnp.float32(given[0]), jnp.float32(given[1])
     else:
         raise ConfigError(f"unknown range mode {mode!r}: choose one of {RANGE_MODES}")
-    hi = jnp.maximum(hi, lo + 1e-12)  # a constant layer still gets a valid (tiny) range
+    # a constant layer still gets a valid (tiny) range: a width relative to its value, as
+    # lo + 1e-12 rounds back to lo in float32 once |lo| > ~2e-5
+    hi = jnp.maximum(hi, lo + jnp.maximum(1e-12, 16 * jnp.finfo(jnp.float32).eps * jnp.abs(lo)))
     return jnp.stack([lo, hi])

@@ -135,6 +135,7 @@ def test_a_budget_below_the_smallest_k_and_bad_arguments_are_one_line(digits):
         ({"bits_per_weight": 2, "method": "magic"}, "unknown quantization method 'magic'"),
         ({"bits_per_weight": 2, "method": "nearest"}, "'nearest' needs a family's grid"),
         ({"bits_per_weight": 2, "include": "nothing"}, "fully matches no kernel"),
+        ({"bits_per_weight": 16, "ks": (65536,)}, r"weights, fewer than every K in ks=\(65536,\)"),
     ):
         with pytest.raises(qj.QarjaxError, match=message):
             qj.allocate_k(model, _ce, [calibration], **kwargs)

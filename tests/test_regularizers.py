@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -308,3 +309,65 @@ def test_gradient_l1s_hessian_vector_gradient_is_double_backprops_in_float64(dty
             scale = float(jnp.max(jnp.abs(want[0][name])))
             np.testing.assert_allclose(got[0][name], want[0][name], rtol=tol, atol=tol * scale)
         np.testing.assert_allclose(got[1], want[1], rtol=10 * tol)
+
+
+@pytest.mark.parametrize("family", ["sine", "cosine", "nearest", "softmin"])
+@pytest.mark.parametrize("value", [0.5, -3.0, 0.0])
+def test_a_constant_layer_has_a_finite_penalty_and_gradient(family, value):
+    """A constant kernel gets a tiny range: one that float32 can hold away from zero (lo +
+    1e-12 rounds back to lo there, and a zero-width range made 0/0)."""
+    from flax import nnx
+
+    import qarjax as qj
+
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    model.kernel[...] = jnp.full((8, 4), value)
+    reg = qj.attach(model, [qj.Rule("kernel", family, k=4, lam=1.0)])
+    value, grads = nnx.value_and_grad(lambda m: reg.penalty(m))(model)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_live_counts_a_merged_group_whose_first_value_has_no_weights():
+    """Representatives closer than 1% of the spacing count once, as live if any of them has
+    weights: here a dead one sits just below a live one."""
+    from flax import nnx
+
+    import qarjax as qj
+    from qarjax.trees import as_tree
+
+    model = nnx.Linear(4, 2, use_bias=False, rngs=nnx.Rngs(0))
+    model.kernel[...] = jnp.array([[0.0009, 0.001], [0.001, 1.0], [1.0, 1.0], [0.001, 0.0009]])
+    reg = qj.attach(model, [qj.Rule("kernel", "nearest", k=3)])
+    model.kernel_reps[...] = jnp.array([0.0, 0.001, 1.0])
+    tree = as_tree(model)
+    assert int(reg.metrics(tree, tree, tree)["kernel"]["live"]) == 2
+
+
+def test_gradient_l1_before_its_start_step_is_zero_and_after_it_the_full_term():
+    """Before the start the term is skipped (lax.cond: no Hessian-vector product to pay),
+    and its gradient with it; from the start step on it is the term at full strength."""
+    from flax import nnx
+
+    import qarjax as qj
+
+    model = nnx.Linear(6, 3, rngs=nnx.Rngs(0))
+    x, y = jnp.linspace(-1, 1, 24).reshape(4, 6), jnp.array([0, 1, 2, 1])
+    reg = qj.attach(model, [qj.Rule("kernel", "gradient_l1", k=4, lam=0.5)], start_step=5)
+
+    def ce(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    @nnx.jit
+    def value_and_grad(m, step):
+        return nnx.value_and_grad(lambda m: reg.penalty(m, step=step, loss=ce))(m)
+
+    before, grads = value_and_grad(model, jnp.int32(4))
+    assert float(before) == 0.0
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    after, grads = value_and_grad(model, jnp.int32(5))
+    full, expected = nnx.value_and_grad(lambda m: reg.penalty(m, loss=ce))(model)
+    np.testing.assert_allclose(float(after), float(full), rtol=1e-6)
+    assert float(after) > 0
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-7)
