@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -67,6 +68,7 @@ SCALES = {
     "gpu": {"models": ["vgg16", "alexnet"], "config": None, "ks": [2, 4, 8, 16],
             "train_size": 50000},
 }  # fmt: skip
+SETTINGS_PARTS = ("data", "model", "train", "reg", "quant")  # a cell's `Sweep.settings`
 K_GROUPS = ([4, 2], [8, 16])  # the most telling K first (for every model), then the rest
 METHODS = ["none", "sine", "cosine", "nearest", "softmin", "linf", "gradient_l1", "dkm", "lsq"]
 # What the sweep knows of a family is on its class (qarjax.families.Family): k_free (one
@@ -260,8 +262,13 @@ class Sweep:
         config = base_config(cell.model, cell.family, self.args)
         k = min(self.args.ks)
         found = json.loads(path.read_text()) if path.exists() else {}
+        if found and found.get("k") != k:  # its trials would be replaced, not added to
+            raise SystemExit(
+                f"{path} holds a search at K = {found.get('k')}, this invocation's smallest K "
+                f"is {k}: search with the same smallest K, or move the file aside"
+            )
         done = {}
-        for trial in found.get("trials", []) if found.get("k") == k else []:
+        for trial in found.get("trials", []):
             trial.setdefault("start", None)  # searches saved before start epochs were searched
             trial.setdefault("start_epoch", config.reg.start_epoch)
             done[(float(f"{trial['lam']:.6g}"), trial["start"], trial.get("init"))] = trial
@@ -283,7 +290,7 @@ class Sweep:
 
         # the plain run, quantized at the same K and scored on the same images: what a
         # lambda must beat (lambda 0); not a candidate, the family is what is searched
-        reference = (found.get("k") == k and found.get("plain")) or self.plain_score(cell, k)
+        reference = found.get("plain") or self.plain_score(cell, k)
         for m in grid:
             tried(config.reg.lam * m)
         for _ in range(self.args.search_extend):
@@ -335,16 +342,26 @@ class Sweep:
 
     def stale(self, cell: Cell, row: dict) -> bool:
         """Whether finished `row` of `cell` trained at another lambda, start or init than its
-        family's search now chooses (the grid was extended, or trials were added). A row
-        whose training is still the choice gets the search's current record (the trials added
-        since it ran, which the results page lists)."""
-        if not self.searched(cell):
-            return False
-        chosen, now = row.get("lambda_search", {}), self.search(cell)
-        if any(chosen.get(key) != now.get(key) for key in ("lam", "start", "init")):
-            return True
-        row["lambda_search"] = now
-        return False
+        family's search now chooses (the grid was extended, or trials were added), or under
+        other settings than this invocation's (`settings`: --epochs, --holdout, the data, K's
+        padding...; rows written before it was recorded are taken as they are). A row whose
+        training is still the choice gets the search's current record (the trials added since
+        it ran, which the results page lists)."""
+        if self.searched(cell):
+            chosen, now = row.get("lambda_search", {}), self.search(cell)
+            if any(chosen.get(key) != now.get(key) for key in ("lam", "start", "init")):
+                return True
+            row["lambda_search"] = now
+            cell = cell.chosen_by(now)
+        return "settings" in row and row["settings"] != self.settings(cell)
+
+    def settings(self, cell: Cell) -> str:
+        """A digest of what trains, quantizes and tunes `cell`: its spec but the loop's keys
+        (paths to branch from, checkpointing, progress bars)."""
+        spec = self.spec_for(cell)
+        parts = {p: dataclasses.asdict(getattr(spec, p)) for p in SETTINGS_PARTS}
+        text = json.dumps({**parts, "seed": spec.seed}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def trial(
         self, cell: Cell, k: int, lam: float, start: int | None, init: str | None = None
@@ -384,10 +401,11 @@ class Sweep:
         t0 = time.perf_counter()
         q = quantize_stage(result.trainer, result.state, spec)
         t1 = time.perf_counter()
-        if cell.model not in self.tuners:
+        if cell.model not in self.tuners:  # once per model: not a cell's tuning time
             self.tuners[cell.model] = tuning_trainer(
                 spec, self.data(spec), q, k_max=max(self.args.ks)
             )
+        built = time.perf_counter()
         t = tune_stage(spec, self.data(spec), q, tuner=self.tuners[cell.model])
         t2 = time.perf_counter()
         sizes = size_report(jax.device_get(t.params), t.layers)
@@ -405,10 +423,11 @@ class Sweep:
             "live_min": live_levels(q.layers),
             "shared_pretraining": cell.family != "none" and not self.args.from_scratch,
             "train_seconds": train_seconds, "quantize_seconds": t1 - t0,
-            "tune_seconds": t2 - t1,
+            "tune_seconds": t2 - built,
             "lam": spec.reg.lam if family(cell.family).has_penalty else None,
             "start_epoch": spec.reg.start_epoch,
             "init": spec.reg.init if family(cell.family).has_reps else None,
+            "settings": self.settings(cell),
         } | ({"lambda_search": search} if search else {})  # fmt: skip
 
 
@@ -452,7 +471,7 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
     for cell in cells:
         config = base_config(cell.model, cell.family, args)
         ips = images_per_second[cell.model]
-        epoch = n_train / ips
+        epoch = (n_train - config.holdout) / ips  # held-out images are not trained on
         if cell.training not in seen_train:
             seen_train.add(cell.training)
             shared = cell.family != "none" and not args.from_scratch
@@ -574,7 +593,8 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
         lines += [f"## {model}" + (f" (plain full precision {cell(fp)})" if fp else ""), ""]
         lines += [
             "Test accuracy pre-tuning [without the batch-norm re-estimate] / post-tuning (full "
-            "precision of that model), by K; a cell marked *collapsed* uses fewer than K distinct "
+            "precision of that model: for dkm and lsq, through their own soft or fake-quantized "
+            "forward pass), by K; a cell marked *collapsed* uses fewer than K distinct "
             "levels in some layer; † marks a cell tuned before tuning kept its best epoch on "
             "held-out training images (its post-tuning figure is the last epoch's):",
             "",
@@ -604,7 +624,9 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
                   if (model, methods[0], k) in groups}  # fmt: skip
         lines += ["", "Compression ratio against float32: "
                   + ", ".join(f"K = {k}: x{v:.1f}" for k, v in ratios.items()), ""]  # fmt: skip
-        lines += claims(model, ks, groups) + searches(model, rows) + stage_times(model, rows)
+        holdout = base_config(model, "none", args).holdout
+        lines += claims(model, ks, groups) + searches(model, rows, holdout)
+        lines += stage_times(model, rows)
         figure = f"{out.name}_weights_{model}.png"
         if (out.parent / figure).exists():  # written by --histograms
             lines += [f"![{model}: one layer's weights and codebooks]({figure})", ""]
@@ -613,7 +635,7 @@ def summarize(rows: list[dict], out: Path, args, wall: float) -> None:
     train = sum({trained_once(r): r["train_seconds"] for r in rows}.values())
     lines += [
         f"Time of the sweep, summed over its cells: {(train + sum(stages.values())) / 60:.1f} min "
-        f"(train {train / 60:.1f} min, quantize {stages['quantize']:.1f} s, tune "
+        f"(train {train / 60:.1f} min, quantize {stages['quantize'] / 60:.1f} min, tune "
         f"{stages['tune'] / 60:.1f} min); this invocation {wall / 60:.1f} min (finished cells "
         f"are reused). Device: {jax.device_count()} x {jax.devices()[0].device_kind}.",
         "",
@@ -683,14 +705,16 @@ def claims(model: str, ks: list, groups: dict) -> list[str]:
     return [*lines, ""]
 
 
-def searches(model: str, rows: list[dict]) -> list[str]:
-    """The lambda searches of this model's cells: per family its trials' held-out scores."""
+def searches(model: str, rows: list[dict], holdout: int) -> list[str]:
+    """The lambda searches of this model's cells: per family its trials' held-out scores
+    (`holdout`: how many training images were held out)."""
     found = {r["lambda_search"]["family"]: r["lambda_search"] for r in rows
              if r["model"] == model and "lambda_search" in r}  # fmt: skip
     if not found:
         return []
     lines = [
-        "Lambda per family, chosen on the 5,000 held-out training images (never the test set): "
+        f"Lambda per family, chosen on the {holdout:,} held-out training images (never the "
+        "test set): "
         "each trial trains the regularized phase at K = "
         f"{next(iter(found.values()))['k']} and is scored by its pre-tuning accuracy there "
         "[full precision]; while the winner is the largest or smallest lambda tried, one "
@@ -710,7 +734,7 @@ def searches(model: str, rows: list[dict]) -> list[str]:
             "",
         ]
     lines += [
-        "| family | trials: lambda = held-out pre-tuning [full precision] | CPU min |",
+        "| family | trials: lambda = held-out pre-tuning [full precision] | wall min |",
         "| --- | --- | --- |",
     ]
     for name, search in found.items():
@@ -729,11 +753,20 @@ def searches(model: str, rows: list[dict]) -> list[str]:
         edge = {max(grid): " (the largest tried)", min(grid): " (the smallest tried)"}
         note = edge.get(search["lam"], "") if len(grid) > 1 else ""
         lines.append(f"| {name} | {'; '.join(trials)}{note} | {minutes:.1f} |")
+    total = sum(
+        t["train_seconds"] + t["score_seconds"] for s in found.values() for t in s["trials"]
+    )
+    lines += [
+        "",
+        f"The searches took {total / 3600:.2f} h (wall time); each family's winning trial is "
+        "also its cell's training at that K, so the cells' training below counts it again.",
+    ]
     return [*lines, ""]
 
 
 def stage_times(model: str, rows: list[dict]) -> list[str]:
-    """CPU minutes of this model's cells, per stage (a shared training counted once)."""
+    """Wall minutes of this model's cells, per stage (a shared training counted once): niced
+    processes beside other work, so they include what the others took."""
     mine = [r for r in rows if r["model"] == model]
     trained = {trained_once(r): r["train_seconds"] for r in mine}
     plain = {key: t for key, t in trained.items() if key[1] == "none"}
@@ -749,7 +782,7 @@ def stage_times(model: str, rows: list[dict]) -> list[str]:
         else ""
     )
     return [
-        f"CPU time of these cells: train {train / 3600:.2f} h (the plain run "
+        f"Wall time of these cells: train {train / 3600:.2f} h (the plain run "
         f"{sum(plain.values()) / 3600:.2f} h; regularized runs branch off it), quantize "
         f"{quantize / 60:.1f} min, tune {tune / 60:.1f} min.{busy}",
         "",
@@ -970,8 +1003,8 @@ def main(argv=None) -> int:
                         write_atomic(done, json.dumps(row, indent=1))
                     rows.append(row)
                     continue
-                print(f"== {cell.name}: its family's search now chooses another training; "
-                      "rerun", flush=True)  # fmt: skip
+                print(f"== {cell.name}: its settings changed, or its family's search now "
+                      "chooses another training; rerun", flush=True)  # fmt: skip
             if not sweep.fits("cell"):
                 stopped += 1
                 continue

@@ -74,6 +74,15 @@ def test_sweep_shares_pretraining_and_compiled_steps_and_resumes(tmp_path, capsy
     cells = list((tmp_path / "w" / "cells").glob("*.json"))
     assert len(cells) == 6 and all(json.loads(c.read_text())["k"] in (2, 4) for c in cells)
 
+    # a finished cell made under other settings (another --epochs, data, padding...) reruns
+    done = tmp_path / "w" / "cells" / "cnn_small_softmin_k2_s0.json"
+    row = json.loads(done.read_text())
+    done.write_text(json.dumps({**row, "settings": "another run's"}))
+    capsys.readouterr()
+    study.main(common)
+    assert "cnn_small_softmin_k2_s0: its settings changed" in capsys.readouterr().out
+    assert json.loads(done.read_text())["settings"] == row["settings"]
+
 
 def test_the_plan_takes_a_step_factor_per_model_and_bad_values_are_refused():
     argv = ["--scale", "cpu-full", "--models", "resnet20,vgg16", "--methods", "none,gradient_l1",
@@ -88,7 +97,8 @@ def test_the_plan_takes_a_step_factor_per_model_and_bad_values_are_refused():
     more = study.project(cells, given, rates)["train"] - study.project(cells, args, rates)["train"]
     config = study.base_config("resnet20", "gradient_l1", args)
     epochs = config.num_epochs - config.reg.start_epoch  # the branch's regularized epochs
-    assert more == pytest.approx(epochs * 50_000 / 300 * (8.2 - own))
+    trained = 50_000 - config.holdout  # the held-out images are not trained on
+    assert more == pytest.approx(epochs * trained / 300 * (8.2 - own))
     for bad in ("foo=2", "sine=0", "sine=x"):
         with pytest.raises(SystemExit):
             study.parse_args([*argv, "--step-factors", bad])
@@ -174,7 +184,7 @@ def test_a_winner_at_the_grids_edge_is_tried_beyond_it_and_a_cell_the_search_out
     path.write_text(json.dumps({"k": 2, "trials": [lost]}))
     study.main(argv)
     out = capsys.readouterr().out
-    assert "cnn_small_sine_k2_s0: its family's search now chooses another training" in out
+    assert "cnn_small_sine_k2_s0: its settings changed, or its family's search now" in out
     search = json.loads(path.read_text())
     assert search["lam"] == lost["lam"] and search["trials"][0] == lost
     beyond = float(f"{lost['lam'] ** 2 / won['lam']:.1g}")  # the new winner's edge, extended
