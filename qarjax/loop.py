@@ -218,8 +218,6 @@ def state_to_dict(state: TrainState) -> dict:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
-# TrainState fields renamed since checkpoints were first written (issue 20): a run saved
-# under the old name still resumes and still serves as a branch point.
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -227,6 +225,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# TrainState fields renamed since checkpoints were first written (issue 20): a run saved
+# under the old name still resumes and still serves as a branch point.
 LEGACY_FIELD_NAMES = {"qparams": "quant"}
 
 
