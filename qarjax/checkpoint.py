@@ -22,13 +22,18 @@ from qarjax.errors import QarjaxError
 from qarjax.trees import keypath_name, leaves_with_paths, name_map, path_name
 
 
+def _finished(folder: Path) -> bool:
+    """Whether orbax finished the checkpoint in `folder` (it writes its metadata last)."""
+    return (folder / "_CHECKPOINT_METADATA").is_file()
+
+
 def complete_steps(manager: ocp.CheckpointManager, directory: Path) -> list[int]:
     """The saved epochs whose checkpoint orbax finished (its metadata written), ascending: a
     stray or emptied folder named like an epoch (``checkpoints/99``) is not a checkpoint."""
 
     def complete(step: int) -> bool:
         folder = directory / str(step)
-        return not folder.is_dir() or (folder / "_CHECKPOINT_METADATA").is_file()
+        return not folder.is_dir() or _finished(folder)
 
     return sorted(s for s in manager.all_steps() if complete(s))
 
@@ -138,7 +143,7 @@ class Checkpointer:
         without opening (or creating) it."""
         directory = Path(directory)
         return directory.is_dir() and any(
-            f.name.isdigit() and (f / "_CHECKPOINT_METADATA").is_file() for f in directory.iterdir()
+            f.name.isdigit() and _finished(f) for f in directory.iterdir()
         )
 
     def latest_epoch(self) -> int | None:
@@ -164,9 +169,8 @@ class Checkpointer:
         if not self.directory.is_dir():
             return
         for folder in self.directory.iterdir():
-            if folder.name.isdigit() and folder.is_dir():
-                if not (folder / "_CHECKPOINT_METADATA").is_file():
-                    shutil.rmtree(folder)
+            if folder.name.isdigit() and folder.is_dir() and not _finished(folder):
+                shutil.rmtree(folder)
 
     def restore(self, target: Any, epoch: int | None = None) -> Any:
         """Restores into the structure, dtypes and shardings of `target` (arrays or abstract)."""

@@ -307,9 +307,10 @@ def _list_images(path: Path) -> Iterator[tuple[str, bytes]]:
                 name = file.relative_to(path).as_posix()
                 try:
                     _check_image_size(name, file.stat().st_size)
-                    yield name, file.read_bytes()
+                    content = file.read_bytes()
                 except OSError as e:  # unreadable, or removed since the listing
                     raise DataError(f"cannot read image {file}: {e.strerror or e}") from None
+                yield name, content
         return
     try:
         with tarfile.open(path, "r:*") as archive:
@@ -425,11 +426,8 @@ def _cache_path(path: Path, cache_dir: str | None) -> Path | None:
     stat = path.stat()
     if path.is_dir():  # A folder's key covers its listing: added, removed or rewritten files
         try:
-            listing = sorted(
-                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                for p in path.rglob("*")
-                if p.is_file()
-            )
+            stats = ((p, p.stat()) for p in path.rglob("*") if p.is_file())
+            listing = sorted((str(p), st.st_size, st.st_mtime_ns) for p, st in stats)
         except OSError:  # a file removed while listed: no cache (the read names the problem)
             return None
         fingerprint = hashlib.sha1(repr(listing).encode()).hexdigest()

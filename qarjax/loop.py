@@ -162,10 +162,10 @@ def check_restored(trainer: Trainer, state: TrainState, epoch: int, ks, source: 
     if not ks or epoch <= trainer.spec.reg.start_epoch:
         return
     for layer in trainer.reg.layers:
-        if layer.family == "none":
+        if "k" not in layer.impl.suffixes:  # its training does not depend on K
             continue
         k = trainer.reg.live_k(layer, state.qparams, state.consts)
-        if "k" in layer.impl.suffixes and k != ks[layer.name]:
+        if k != ks[layer.name]:
             raise ConfigError(
                 f"cannot resume {source}: its layer {layer.name} has trained at K = {k} since "
                 f"epoch {trainer.spec.reg.start_epoch}, the config says K = {ks[layer.name]}"
