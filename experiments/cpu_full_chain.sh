@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Resumes the cpu-full CIFAR-10 study (issue 22) on any machine, fresh or not.
+#
+#   bash experiments/cpu_full_chain.sh [WORKDIR]      # default /root/qarjax-study
+#
+# A session's machine may be new: what the study needs to go on is in this repository
+# (results/cifar10_full_cpu_runs: the plain runs' branch-point checkpoints;
+# results/cifar10_full_cpu_cells: the finished cells; results/cifar10_full_cpu_search: every
+# search's scored trials). This seeds WORKDIR with whatever it lacks of those (it never
+# overwrites a file there), then runs ResNet-20's remaining searches and the cells they
+# choose, one family at a time, at the lowest CPU priority. Every step resumes: a finished
+# trial or cell is read back, not retrained; rerun this after a stop and it goes on.
+# Run it from a frozen worktree so that edits to the main checkout cannot change its code:
+#
+#   git worktree add --detach /work/qarjax-chain HEAD
+#   (cd /work/qarjax-chain && setsid nohup bash experiments/cpu_full_chain.sh \
+#       >> /root/qarjax-study/chain.log 2>&1 &)
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+workdir="${1:-/root/qarjax-study}"
+py="${PYTHON:-$here/.venv/bin/python}"
+[ -x "$py" ] || py=/work/main/.venv/bin/python   # a worktree shares the main checkout's venv
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+cd "$here"
+
+mkdir -p "$workdir/cells" "$workdir/search"
+for run in results/cifar10_full_cpu_runs/*/; do
+  name="$(basename "$run")"
+  [ -e "$workdir/$name" ] || cp -r "$run" "$workdir/$name"
+done
+for kept in results/cifar10_full_cpu_cells/*.json results/cifar10_full_cpu_search/*.json; do
+  into="$workdir/$(basename "$(dirname "$kept")" | sed 's/^cifar10_full_cpu_//')"
+  [ -e "$into/$(basename "$kept")" ] || cp "$kept" "$into/"
+done
+
+study() {
+  echo "== $(date -u +%FT%TZ) $(git -C "$here" rev-parse --short HEAD): $*"
+  "$py" -u experiments/cifar10_study.py --background --scale cpu-full --models resnet20 \
+    --ks 4,2 --workdir "$workdir" --out "$workdir/resnet_search" --max-minutes 600 "$@"
+}
+for family in softmin cosine sine; do
+  study --methods "none,$family" --search-lambdas 30,10,3 --search-extend 2
+done
+study --methods none,gradient_l1 --search-lambdas 1,0.3,0.1 --search-extend 2
+echo "== $(date -u +%FT%TZ) chain finished"
