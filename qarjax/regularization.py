@@ -381,16 +381,15 @@ class Regularization:
                     "reg.penalty(model, step, loss=lambda m: ce(m, x, y))"
                 )
             # ||dCE/dW||_1 per leaf; before the start step, zeros without the Hessian-vector
-            # product it costs (a run's plain epochs would pay 2.5-3x a plain step for 0)
+            # product it costs (a run's plain epochs would pay 2.5-3x a plain step for 0);
+            # the zeros from the params' dtypes, without tracing the loss a second time
             norms_of = functools.partial(gradient_l1_norms, ce_of_params)
             if step is None:
                 norms = norms_of(params)
             else:
 
-                def zeros(p):
-                    return jax.tree.map(
-                        lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(norms_of, p)
-                    )
+                def zeros(p):  # what gradient_l1_norms returns: a scalar per leaf
+                    return jax.tree.map(lambda x: jnp.zeros((), x.dtype), p)
 
                 norms = jax.lax.cond(self.started(step), norms_of, zeros, params)
         values = {}

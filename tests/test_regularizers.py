@@ -359,13 +359,16 @@ def test_gradient_l1_before_its_start_step_is_zero_and_after_it_the_full_term():
         return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
     @nnx.jit
-    def value_and_grad(m, step):
-        return nnx.value_and_grad(lambda m: reg.penalty(m, step=step, loss=ce))(m)
+    def value_and_grad(m, step, x, y):  # the loss closes over traced images and int labels
+        def ce_traced(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
-    before, grads = value_and_grad(model, jnp.int32(4))
+        return nnx.value_and_grad(lambda m: reg.penalty(m, step=step, loss=ce_traced))(m)
+
+    before, grads = value_and_grad(model, jnp.int32(4), x, y)
     assert float(before) == 0.0
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
-    after, grads = value_and_grad(model, jnp.int32(5))
+    after, grads = value_and_grad(model, jnp.int32(5), x, y)
     full, expected = nnx.value_and_grad(lambda m: reg.penalty(m, loss=ce))(model)
     np.testing.assert_allclose(float(after), float(full), rtol=1e-6)
     assert float(after) > 0

@@ -58,7 +58,7 @@ def test_step_compiles_once_across_epochs_and_regularization_start(tiny_config):
     assert trainer.trace_count == 1
 
 
-@pytest.mark.parametrize("family", ["softmin", "dkm"])  # dkm: centroids carried in consts
+@pytest.mark.parametrize("family", ["softmin", "dkm", "gradient_l1"])  # dkm: centroids in consts
 def test_resume_repeats_the_uninterrupted_run(tiny_config, tmp_path, family):
     tiny_config.num_epochs = 3
     tiny_config.reg.family = family

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 
 from qarjax.families import Family, register
@@ -41,8 +42,25 @@ def gradient_l1_norms(loss_fn: Callable[[Any], jax.Array], params: Any) -> Any:
     >>> jax.grad(lambda p: gradient_l1_norms(loss, p)["w"])({"w": jnp.array([1.0, -2.0])})
     {'w': Array([  6., -12.], dtype=float32)}
     """
-    converted, consts = jax.closure_convert(loss_fn, params)
+    converted, consts = _hoisted(loss_fn, params)
     return _norms(converted, params, *consts)
+
+
+def _hoisted(loss_fn: Callable[[Any], jax.Array], params: Any) -> tuple[Callable, list]:
+    """(fn(params, *consts), consts): `loss_fn` with every array it closes over an argument.
+    ``jax.closure_convert`` hoists only the values that may carry a tangent and leaves the
+    rest (integer labels, a PRNG key's data) inside the converted function: traced inside a
+    ``lax.cond`` branch (`Regularization.terms` before its start step) such a closed-over
+    tracer of the enclosing trace leaked into the branch, and the step failed to lower."""
+    closed = jax.make_jaxpr(loss_fn)(params)
+
+    def converted(p, *consts):
+        (out,) = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(closed.jaxpr, consts))(
+            *jax.tree.leaves(p)
+        )
+        return out
+
+    return converted, list(closed.consts)
 
 
 def _l1(grads: Any) -> Any:
