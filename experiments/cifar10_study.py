@@ -249,23 +249,23 @@ class Sweep:
         (the grid's outer ratio, at most --search-extend steps); then, at the winning lambda,
         one per extra start epoch, then, at the winning lambda and start, one per other
         initialization of the representatives (the paper's suggestion for bell-shaped
-        weights: dynamic families only). Each trains the regularized phase at the smallest K
-        of the sweep (seed 0) and is scored by its pre-tuning accuracy on the held-out
-        training images (never the test set). Each trial is saved under --workdir/search as
-        it finishes: a rerun reuses every trial found there (a changed grid trains only the
-        trials it lacks) and the winner is the best of all of them; it is the cell's own
-        training at that K."""
+        weights: dynamic families only). Each trains the regularized phase at --search-k
+        (default the smallest K of the sweep; seed 0) and is scored by its pre-tuning
+        accuracy on the held-out training images (never the test set). Each trial is saved
+        under --workdir/search as it finishes: a rerun reuses every trial found there (a
+        changed grid trains only the trials it lacks) and the winner is the best of all of
+        them; it is the cell's own training at that K."""
         path = self.workdir / "search" / f"{cell.model}_{cell.family}.json"
         grid = sorted(self.args.search_lambdas, reverse=True)
         starts = sorted(self.args.search_start_epochs or [])
         inits = searched_inits(self.args, cell.family)
         config = base_config(cell.model, cell.family, self.args)
-        k = min(self.args.ks)
+        k = search_k(self.args)
         found = json.loads(path.read_text()) if path.exists() else {}
         if found and found.get("k") != k:  # its trials would be replaced, not added to
             raise SystemExit(
-                f"{path} holds a search at K = {found.get('k')}, this invocation's smallest K "
-                f"is {k}: search with the same smallest K, or move the file aside"
+                f"{path} holds a search at K = {found.get('k')}, this invocation searches at "
+                f"K = {k}: pass --search-k {found.get('k')}, or move the file aside"
             )
         done = {}
         for trial in found.get("trials", []):
@@ -431,6 +431,12 @@ class Sweep:
         } | ({"lambda_search": search} if search else {})  # fmt: skip
 
 
+def search_k(args) -> int:
+    """The K every search trial trains and is scored at: --search-k, else the smallest of
+    --ks (a later invocation for K = 8 alone passes the K its searches ran at)."""
+    return args.search_k or min(args.ks)
+
+
 def searched_inits(args, name: str) -> list[str]:
     """The representatives' initializations the search tries for family `name` (those with
     trainable representatives; the others have no reg.init to choose)."""
@@ -488,10 +494,12 @@ def project(cells: list[Cell], args, images_per_second: dict[str, float]) -> dic
         total["quantize"] += args.quantize_seconds + 3 * n_test / ips / 3 + batches / ips / 2
         total["tune"] += config.quant.tune_epochs * epoch + 2 * n_test / ips / 3
     # the lambda search: per (model, penalty family) its other trials (the winner at the
-    # smallest K is that cell's own training), each scored like a quantize stage
+    # search's K is that cell's own training, where the sweep has that K), each scored like a
+    # quantize stage (a search on file is counted as if it were not)
     searched = {(c.model, c.family) for c in cells if family(c.family).has_penalty}
     for model, name in searched if args.search_lambdas else ():
-        extra = len(args.search_lambdas) - 1 + len(args.search_start_epochs or [])
+        extra = len(args.search_lambdas) - (search_k(args) in args.ks)
+        extra += len(args.search_start_epochs or [])
         extra += len(searched_inits(args, name)) + args.search_extend  # at most
         config = base_config(model, name, args)
         epoch = n_train / images_per_second[model]
@@ -916,6 +924,13 @@ def parse_args(argv=None):
         "tried, try one step further (the grid's outer ratio), at most this many times",
     )
     parser.add_argument(
+        "--search-k",
+        type=int,
+        default=None,
+        help="with --search-lambdas: the K the trials train and are scored at (default the "
+        "smallest of --ks); every K uses the winner",
+    )
+    parser.add_argument(
         "--search-start-epochs",
         type=numbers(int),
         default=None,
@@ -941,6 +956,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.search_extend < 0:
         parser.error(f"--search-extend must be 0 or more, not {args.search_extend}")
+    if args.search_k is not None and args.search_k < 2:
+        parser.error(f"--search-k must be 2 or more, not {args.search_k}")
     args.ks = args.ks or SCALES[args.scale]["ks"]
     args.models = args.models or SCALES[args.scale]["models"]
     return args

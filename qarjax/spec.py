@@ -234,7 +234,9 @@ class RunSpec:
 def training_differences(a: RunSpec, b: RunSpec) -> list[tuple[str, Any, Any]]:
     """(dotted field, a's value, b's value) for each field in which `a` and `b` train
     differently (``train.learning_rate``): all but K (``reg.k``, ``reg.k_overrides``: data
-    in the compiled step), the loop's and the later stages' (``quant``)."""
+    in the compiled step), the loop's and the later stages' (``quant``), and K's padding
+    (``reg.k_max``) for a family that pads no variable (`qarjax.families.Family.padded`:
+    a plain run trained for a sweep up to K = 4 serves one up to K = 8)."""
 
     def fields(spec):
         out = {"seed": spec.seed}
@@ -247,6 +249,8 @@ def training_differences(a: RunSpec, b: RunSpec) -> list[tuple[str, Any, Any]]:
         return out
 
     fa, fb = fields(a), fields(b)
+    if not any(family(s.reg.family).padded for s in (a, b)):
+        del fa["reg.k_max"], fb["reg.k_max"]
     return [(k, fa[k], fb[k]) for k in fa if fa[k] != fb[k]]
 
 

@@ -278,3 +278,35 @@ def test_background_lowers_the_process_and_its_sessions_autogroup():
     assert out[-1] == "19"
     if Path("/proc/self/autogroup").exists() and "unchanged" not in out[0]:
         assert out[0].endswith("nice 19") and "autogroup" in out[0]
+
+
+def test_a_later_k_reuses_the_plain_run_and_the_search_of_an_earlier_sweep(tmp_path, capsys):
+    """A larger K added after a finished sweep, as the cpu-full study adds K = 8 to its
+    K = 4, 2 cells: an invocation of its own (a sweep pads K to its largest, reg.k_max)
+    reuses the plain and gradient-L1 runs, which pad nothing, and the searches on file at
+    their K (--search-k), and leaves the earlier cells as they are."""
+    argv, _, _ = searched_sweep(tmp_path, "none,gradient_l1,nearest", 4, "--search-lambdas", "1")
+    study.main(argv)  # K = 2: k_max 2
+    work = tmp_path / "w"
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    later = [*argv[: argv.index("--ks")], "--ks", "4", *argv[argv.index("--ks") + 2 :]]
+    with pytest.raises(SystemExit, match="searches at K = 4: pass --search-k 2"):
+        study.main(later)
+    capsys.readouterr()
+    study.main([*later, "--search-k", "2"])
+    out = capsys.readouterr().out
+    assert "   search " not in out  # every trial on file
+    # the plain and gradient-L1 runs restored, not retrained (a restored run rewrites only
+    # its config.json and summary.json), the K = 2 cells untouched
+    kept = [p for p in before if p.name not in ("config.json", "summary.json")]
+    assert [p for p in kept if p.read_bytes() != before[p]] == []
+    assert any("cnn_small_gradient_l1_kany" in str(p) for p in kept)
+    rows = {p.name: json.loads(p.read_text()) for p in (work / "cells").glob("*_k4_s0.json")}
+    methods = ("none+kmeans", "none+uniform", "gradient_l1", "nearest")
+    assert set(rows) == {f"cnn_small_{m}_k4_s0.json" for m in methods}
+    k2 = json.loads((work / "cells" / "cnn_small_gradient_l1_k2_s0.json").read_text())
+    assert rows["cnn_small_gradient_l1_k4_s0.json"]["train_seconds"] == k2["train_seconds"]
+    nearest = rows["cnn_small_nearest_k4_s0.json"]
+    assert nearest["lam"] == nearest["lambda_search"]["lam"]  # the K = 2 search's choice
+    run = work / f"cnn_small_nearest_k4_s0_lam{nearest['lam']:g}" / "train"
+    assert json.loads((run / "config.json").read_text())["reg"]["k_max"] == 4

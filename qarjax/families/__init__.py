@@ -24,7 +24,7 @@ Adding a family is one new module (or one class in a notebook)::
 ``v`` is the layer's variables by suffix (``range``: the [lo, hi] fixed at the start; ``k``:
 its K, for families with a grid; plus the family's own, e.g. ``reps``); ``s`` the run-wide
 `Settings`. What a sweep needs to know about a family is on its class too: `k_free`,
-`baseline_lambda`, `step_factor`, `has_penalty`, `has_reps` and `quantizer` (the
+`baseline_lambda`, `step_factor`, `has_penalty`, `has_reps`, `padded` and `quantizer` (the
 post-training quantizer ``auto`` means for it: `qarjax.quantize.QUANTIZERS`). The math:
 docs/regularizers.md.
 """
@@ -94,6 +94,14 @@ class Family:
         return "reps" in self.suffixes
 
     @property
+    def padded(self) -> bool:
+        """Whether a variable of the family is a vector as long as the padded K (``reps``,
+        DKM's ``centroids``): only then does ``reg.k_max`` change what trains, so a run of
+        any other family resumes, or is reused, at another padding."""
+        shapes = [{k: jnp.shape(v.value) for k, v in self.variables(n).items()} for n in (2, 3)]
+        return shapes[0] != shapes[1]
+
+    @property
     def quantizer(self) -> str:
         """The post-training quantizer ``auto`` means: its own grid, else 1-D k-means."""
         return "nearest" if self.has_grid else "kmeans"
@@ -148,6 +156,8 @@ def family(name: str) -> Family:
     (True, ('k', 'reps'), False)
     >>> family("sine").k_free, family("gradient_l1").k_free, family("linf").quantizer
     (False, True, 'kmeans')
+    >>> [n for n in ("none", "sine", "nearest", "softmin", "dkm", "lsq") if family(n).padded]
+    ['nearest', 'softmin', 'dkm']
     """
     if name not in FAMILIES:
         raise ConfigError(f"unknown regularizer family {name!r}: choose one of {tuple(FAMILIES)}")
