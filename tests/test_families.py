@@ -80,16 +80,23 @@ def test_one_compiled_step_serves_every_k(name):
     traces = []
 
     @jax.jit
-    def step(tree):
+    def step(tree, images, labels):
         traces.append(1)
+
+        def loss(p):  # closes over traced images and integer labels, as a train step's does
+            return _loss_of_params(p) + jnp.mean(images) * jnp.sum(labels)
+
+        def penalty(params):  # differentiated, as in a train step
+            return reg.terms(params, tree, consts, step=jnp.int32(0), ce_of_params=loss)[0]
+
         params, consts = reg.forward(tree, tree, tree)
-        total, _ = reg.terms(params, tree, consts, step=jnp.int32(0), ce_of_params=_loss_of_params)
+        total = jax.value_and_grad(penalty, allow_int=True)(params)
         grids = [reg.grid(s, tree, tree, tree) for s in reg.layers if s.impl.has_grid]
         return total, grids
 
     for k in (2, 3, K_MAX):
         reg.start(model, ks={s.name: k for s in reg.layers})
-        jax.block_until_ready(step(as_tree(model)))
+        jax.block_until_ready(step(as_tree(model), jnp.ones((2, 6)), jnp.arange(2)))
     assert len(traces) == 1
 
 
