@@ -9,6 +9,7 @@ import pytest
 from conftest import make_dataset
 
 from qarjax.errors import ConfigError, NonFiniteLossError, QarjaxError
+from qarjax.families import FAMILIES, family
 from qarjax.loop import fit
 from qarjax.metrics import read_jsonl
 from qarjax.train import Trainer, make_mesh
@@ -46,15 +47,20 @@ def test_sharded_step_equals_single_device_step(tiny_config):
     assert e1["accuracy"] == pytest.approx(e8["accuracy"], abs=1 / 64 + 1e-6)
 
 
-def test_step_compiles_once_across_epochs_and_regularization_start(tiny_config):
-    tiny_config.reg.family = "nearest"
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "none"])
+def test_every_family_trains_across_its_start_in_one_compiled_step(tiny_config, name):
+    """The Trainer's step (scanned, its loss closing over traced images and labels) for
+    every registered family, before and after the regularizer starts."""
+    tiny_config.reg.family = name
     tiny_config.reg.start_epoch = 1
-    trainer = Trainer(tiny_config, make_dataset())
+    trainer = Trainer(tiny_config, make_dataset(n_train=64, n_test=32))
     state = trainer.init_state()
     for epoch in range(3):
         if epoch == 1:
             state = trainer.start_regularization(state)
-        state, _ = trainer.train_epoch(state, epoch)
+        state, metrics = trainer.train_epoch(state, epoch)
+        assert np.isfinite(metrics["loss"])
+        assert (metrics["reg"] > 0) == (epoch >= 1 and family(name).has_penalty), metrics
     assert trainer.trace_count == 1
 
 
