@@ -865,7 +865,8 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--workdir", default="runs/study")
     parser.add_argument("--out", default="results/cifar10_cpu_shared")
-    parser.add_argument("--note", default="")
+    parser.add_argument("--note", default="", help="the results page's opening paragraph")
+    parser.add_argument("--note-file", default=None, help="--note, read from this file")
     parser.add_argument(
         "--summarize",
         action="store_true",
@@ -956,6 +957,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.search_extend < 0:
         parser.error(f"--search-extend must be 0 or more, not {args.search_extend}")
+    if args.note_file:
+        try:
+            args.note = Path(args.note_file).read_text().strip()
+        except OSError as e:
+            parser.error(f"--note-file {args.note_file}: {e.strerror}")
     if args.search_k is not None and args.search_k < 2:
         parser.error(f"--search-k must be 2 or more, not {args.search_k}")
     args.ks = args.ks or SCALES[args.scale]["ks"]

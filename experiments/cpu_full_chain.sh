@@ -8,7 +8,8 @@
 # results/cifar10_full_cpu_cells: the finished cells; results/cifar10_full_cpu_search: every
 # search's scored trials). This seeds WORKDIR with whatever it lacks of those (it never
 # overwrites a file there), then runs ResNet-20's remaining searches and the cells they
-# choose, one family at a time, at the lowest CPU priority. Every step resumes: a finished
+# choose, one family at a time, then the K = 8 cells of both models, at the lowest CPU
+# priority. Every step resumes: a finished
 # trial or cell is read back, not retrained; rerun this after a stop and it goes on.
 # Run it from a frozen worktree so that edits to the main checkout cannot change its code:
 #
@@ -35,11 +36,25 @@ done
 
 study() {
   echo "== $(date -u +%FT%TZ) $(git -C "$here" rev-parse --short HEAD): $*"
-  "$py" -u experiments/cifar10_study.py --background --scale cpu-full --models resnet20 \
-    --ks 4,2 --workdir "$workdir" --out "$workdir/resnet_search" --max-minutes 600 "$@"
+  "$py" -u experiments/cifar10_study.py --background --scale cpu-full --workdir "$workdir" \
+    --max-minutes 600 "$@"
 }
+# ResNet-20's searches (K = 2) and their K = 4, 2 cells, one family at a time
+resnet=(--models resnet20 --ks 4,2 --out "$workdir/resnet_search")
 for family in softmin cosine sine; do
-  study --methods "none,$family" --search-lambdas 30,10,3 --search-extend 2
+  study "${resnet[@]}" --methods "none,$family" --search-lambdas 30,10,3 --search-extend 2
 done
-study --methods none,gradient_l1 --search-lambdas 1,0.3,0.1 --search-extend 2
+study "${resnet[@]}" --methods none,gradient_l1 --search-lambdas 1,0.3,0.1 --search-extend 2
+
+# K = 8: an invocation of its own per model and search grid (a sweep pads K to its largest,
+# so --ks 8,4,2 would make every K = 4, 2 cell stale); the plain and gradient-L1 runs and every
+# search on file (at K = 2) are reused, each family's K = 8 cell trains at its search's choice
+k8=(--ks 8 --search-k 2 --out "$workdir/k8")
+study --models resnet20 "${k8[@]}" --methods none,sine,cosine,nearest,softmin,dkm,lsq \
+  --search-lambdas 30,10,3 --search-extend 2
+study --models resnet20 "${k8[@]}" --methods gradient_l1 --search-lambdas 1,0.3,0.1 \
+  --search-extend 2
+study --models vgg16 "${k8[@]}" --methods none,sine,cosine,nearest,softmin,gradient_l1,dkm,lsq \
+  --search-lambdas 3,1,0.3,0.1 --search-extend 4 --search-start-epochs 28 \
+  --search-inits quantile,uniform
 echo "== $(date -u +%FT%TZ) chain finished"

@@ -310,3 +310,14 @@ def test_a_later_k_reuses_the_plain_run_and_the_search_of_an_earlier_sweep(tmp_p
     assert nearest["lam"] == nearest["lambda_search"]["lam"]  # the K = 2 search's choice
     run = work / f"cnn_small_nearest_k4_s0_lam{nearest['lam']:g}" / "train"
     assert json.loads((run / "config.json").read_text())["reg"]["k_max"] == 4
+
+
+def test_the_pages_note_is_read_from_a_file_and_a_missing_one_is_one_error(tmp_path, capsys):
+    note = tmp_path / "note.md"
+    note.write_text("Opening paragraph.\n")
+    assert study.parse_args(["--note-file", str(note)]).note == "Opening paragraph."
+    with pytest.raises(SystemExit):
+        study.parse_args(["--note-file", str(tmp_path / "absent.md")])
+    assert "absent.md: No such file or directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.parse_args(["--search-k", "1"])

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Writes the cpu-full study's results page (results/cifar10_full_cpu.md, .csv, plot) from the
+# finished cells, nothing trained:
+#
+#   bash experiments/cpu_full_page.sh [WORKDIR]     # default /root/qarjax-study
+#
+# First the workdir's finished cells and search records are copied into the repository
+# (results/cifar10_full_cpu_cells, results/cifar10_full_cpu_search: what a fresh machine
+# resumes from, see cpu_full_chain.sh); then the page is written from the repository's cells,
+# with results/cifar10_full_cpu_note.md as its opening paragraph. The weight histograms need
+# the trained runs: where the workdir holds them, pass HISTOGRAMS=1 to redraw them too.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+workdir="${1:-/root/qarjax-study}"
+py="${PYTHON:-$here/.venv/bin/python}"
+cd "$here"
+
+for kind in cells search; do
+  if compgen -G "$workdir/$kind/*.json" > /dev/null; then
+    cp "$workdir/$kind"/*.json "results/cifar10_full_cpu_$kind/"
+  fi
+done
+ks="$(ls results/cifar10_full_cpu_cells | sed -n 's/.*_k\([0-9]*\)_s[0-9]*\.json$/\1/p' | sort -nu | paste -sd,)"
+page=(--scale cpu-full --models resnet20,vgg16 --ks "$ks"
+      --methods none,sine,cosine,nearest,softmin,gradient_l1,dkm,lsq
+      --out results/cifar10_full_cpu --note-file results/cifar10_full_cpu_note.md)
+if [ "${HISTOGRAMS:-0}" = 1 ]; then
+  "$py" experiments/cifar10_study.py "${page[@]}" --workdir "$workdir" --histograms
+fi
+# the page from the repository's cells alone (a workdir whose cells are those)
+mkdir -p runs/cpu_full_page
+ln -sfn "$here/results/cifar10_full_cpu_cells" runs/cpu_full_page/cells
+"$py" experiments/cifar10_study.py "${page[@]}" --workdir runs/cpu_full_page --summarize
