@@ -8,7 +8,8 @@
 # (results/cifar10_full_cpu_cells, results/cifar10_full_cpu_search: what a fresh machine
 # resumes from, see cpu_full_chain.sh); then the page is written from the repository's cells,
 # with results/cifar10_full_cpu_note.md as its opening paragraph. The weight histograms need
-# the trained runs: where the workdir holds them, pass HISTOGRAMS=1 to redraw them too.
+# the trained runs (the plain one and the best penalty family's at the smallest K; a run the
+# workdir lacks is retrained): HISTOGRAMS=resnet20 (or resnet20,vgg16) redraws those models'.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 workdir="${1:-/root/qarjax-study}"
@@ -24,8 +25,9 @@ ks="$(ls results/cifar10_full_cpu_cells | sed -n 's/.*_k\([0-9]*\)_s[0-9]*\.json
 page=(--scale cpu-full --models resnet20,vgg16 --ks "$ks"
       --methods none,sine,cosine,nearest,softmin,gradient_l1,dkm,lsq
       --out results/cifar10_full_cpu --note-file results/cifar10_full_cpu_note.md)
-if [ "${HISTOGRAMS:-0}" = 1 ]; then
-  "$py" experiments/cifar10_study.py "${page[@]}" --workdir "$workdir" --histograms
+if [ -n "${HISTOGRAMS:-}" ]; then  # e.g. HISTOGRAMS=resnet20: redraw that model's figure
+  "$py" experiments/cifar10_study.py "${page[@]}" --models "$HISTOGRAMS" --workdir "$workdir" \
+    --histograms
 fi
 # the page from the repository's cells alone (a workdir whose cells are those)
 mkdir -p runs/cpu_full_page
