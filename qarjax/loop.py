@@ -331,9 +331,13 @@ def fit(
     if jax.process_count() > 1:  # every process checks the workdir before process 0 writes
         multihost_utils.sync_global_devices("qarjax: workdir checked")
     main_process = jax.process_index() == 0
+    # A finished run that is resumed trains nothing: its config.json and summary.json keep
+    # what it trained with and measured (the spec may differ in what does not train, e.g. K).
+    finished = start_epoch >= spec.train.num_epochs
     if main_process:
         prepare_workdir(workdir, resume=resume, overwrite=overwrite, clear=True)
-        write_atomic(workdir / "config.json", spec.config_json(indent=2) + "\n")
+        if not (finished and (workdir / "config.json").is_file()):
+            write_atomic(workdir / "config.json", spec.config_json(indent=2) + "\n")
     checkpoints = checkpoints or open_checkpoints()
     writer = MetricsWriter(workdir, enabled=main_process, tensorboard=loop.tensorboard)
     writer.truncate_after(start_epoch)
@@ -400,7 +404,10 @@ def fit(
         raise
     checkpoints.close()  # a save that failed asynchronously is reported here
     writer.close()
-    if start_epoch >= spec.train.num_epochs:  # resumed a finished run: report its final state
+    stored = workdir / "summary.json"
+    if finished and stored.is_file():
+        return FitResult(read_json_object(stored, "run's summary"), state, trainer)
+    if finished:  # resumed a finished run without its summary: report its final state
         test = trainer.evaluate(state)
     steady = epoch_rates[1:] or epoch_rates
     summary = {

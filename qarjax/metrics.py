@@ -80,14 +80,17 @@ class MetricsWriter:
 
         if not (self.enabled and self.path.exists()):
             return
+        text = self.path.read_text()
         keep = []
-        for line in self.path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 if json.loads(line).get("epoch", 0) <= epoch:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        write_atomic(self.path, "".join(k + "\n" for k in keep))  # a kill keeps the old file
+        kept = "".join(k + "\n" for k in keep)
+        if kept != text:  # a finished run resumed keeps its file untouched
+            write_atomic(self.path, kept)  # a kill keeps the old file
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

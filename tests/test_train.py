@@ -124,7 +124,11 @@ def test_resume_refuses_a_config_that_trains_differently(tiny_config, tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     tiny_config.num_epochs, tiny_config.learning_rate = 1, 0.05
     tiny_config.progress = False  # what only the loop reads may change
-    assert fit(tiny_config, tmp_path, dataset=dataset, resume=True).summary["epochs"] == 1
+    resumed = fit(tiny_config, tmp_path, dataset=dataset, resume=True)
+    assert resumed.summary["epochs"] == 1 and np.isfinite(resumed.summary["images_per_second"])
+    # a finished run trains nothing when resumed: it keeps the config it trained with and its
+    # summary (with the throughput of its epochs)
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
 
 
 def test_overwrite_removes_nothing_until_the_new_run_passed_its_checks(tiny_config, tmp_path):
