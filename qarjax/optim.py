@@ -265,9 +265,18 @@ def reset_quant_state(tx: optax.GradientTransformation, opt_state, trainable: di
     """Fresh optimizer state for the quantization params, keeping the weights' state.
 
     Used when regularization starts: the representatives were just initialized, so moments
-    accumulated for their old values would be meaningless.
+    accumulated for their old values would be meaningless. Every `optax.partition` state in
+    `opt_state` (`optimizer`'s routing, also inside its decoupled pull) restarts all but its
+    "weights" part; everything else (a pull's step count and momentum, the state of a given
+    optimizer that routes nothing) is kept.
     """
     fresh = (init or tx.init)(trainable)
-    inner = dict(fresh.inner_states)
-    inner["weights"] = opt_state.inner_states["weights"]
-    return fresh._replace(inner_states=inner)
+    routed = lambda x: isinstance(x, optax.PartitionState) and "weights" in x.inner_states
+
+    def keep_weights(old, new):
+        if routed(old):
+            weights = old.inner_states["weights"]
+            return new._replace(inner_states={**new.inner_states, "weights": weights})
+        return old
+
+    return jax.tree.map(keep_weights, opt_state, fresh, is_leaf=routed)

@@ -5,6 +5,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import make_dataset
 
@@ -12,6 +13,7 @@ from qarjax.errors import ConfigError, NonFiniteLossError, QarjaxError
 from qarjax.families import FAMILIES, family
 from qarjax.loop import fit
 from qarjax.metrics import read_jsonl
+from qarjax.optim import optimizer
 from qarjax.train import Trainer, make_mesh
 
 
@@ -62,6 +64,39 @@ def test_every_family_trains_across_its_start_in_one_compiled_step(tiny_config, 
         assert np.isfinite(metrics["loss"])
         assert (metrics["reg"] > 0) == (epoch >= 1 and family(name).has_penalty), metrics
     assert trainer.trace_count == 1
+
+
+@pytest.mark.parametrize("given", ["none", "adam", "decoupled"])
+def test_the_regularizers_start_restarts_only_the_routed_quantization_state(tiny_config, given):
+    """At reg.start_epoch the representatives are new: their optimizer state (each
+    `optax.partition` but its "weights" part) restarts, the weights' and a decoupled pull's
+    step count and momentum go on, and a given optimizer that routes nothing is kept whole;
+    then training goes on with the term on."""
+    tiny_config.reg.family, tiny_config.reg.start_epoch = "nearest", 1
+    dataset = make_dataset(n_train=64)
+    base = Trainer(tiny_config, dataset)
+    tx = {
+        "none": None,
+        "adam": optax.adam(1e-3),
+        "decoupled": optimizer(optax.sgd(0.05, 0.9), base.reg, decoupled=0.05),
+    }[given]
+    trainer = Trainer(tiny_config, dataset, tx=tx)
+    state, _ = trainer.train_epoch(trainer.init_state(), 0)
+    started = trainer.start_regularization(state)
+    routed = lambda x: isinstance(x, optax.PartitionState)
+    before = jax.tree.leaves(state.opt_state, is_leaf=routed)
+    after = jax.tree.leaves(started.opt_state, is_leaf=routed)
+    for old, new in zip(before, after, strict=True):
+        if not routed(old):
+            _assert_trees_close(old, new, rtol=0, atol=0)  # kept
+            continue
+        weights = old.inner_states["weights"], new.inner_states["weights"]
+        _assert_trees_close(*weights, rtol=0, atol=0)
+        assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(old.inner_states["reps"]))
+        assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(new.inner_states["reps"]))
+    assert sum(map(routed, after)) == (0 if given == "adam" else 1)
+    state, metrics = trainer.train_epoch(started, 1)
+    assert np.isfinite(metrics["loss"]) and metrics["reg"] > 0
 
 
 @pytest.mark.parametrize("family", ["softmin", "dkm", "gradient_l1"])  # dkm: centroids in consts
