@@ -1,6 +1,10 @@
 """The train step and fit loop: sharding, compile-once, exact resume, and bad input."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,7 @@ from conftest import make_dataset
 
 from qarjax.errors import ConfigError, NonFiniteLossError, QarjaxError
 from qarjax.families import FAMILIES, family
-from qarjax.loop import fit
+from qarjax.loop import deferred_stop, fit
 from qarjax.metrics import read_jsonl
 from qarjax.optim import optimizer
 from qarjax.train import Trainer, make_mesh
@@ -343,3 +347,37 @@ def test_overwrite_empties_a_linked_checkpoint_folder_and_keeps_the_link(tiny_co
     fit(tiny_config, tmp_path / "run", dataset=dataset, overwrite=True)
     assert (tmp_path / "run" / "checkpoints").is_symlink()
     assert [p.name for p in scratch.iterdir()] == ["1"]  # the new run's
+
+
+def test_a_stop_inside_the_metrics_and_checkpoint_block_is_delivered_after_it():
+    """SIGTERM (or SIGINT, SIGHUP) between an epoch's metrics line and its checkpoint waits
+    for the block: a raising handler raises after it, the default action (the process ends)
+    runs `before_default` (the checkpoint's wait) first; the handlers are restored."""
+    seen = []
+
+    def handler(signum, frame):
+        seen.append("handler")
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_stop(before_default=lambda: seen.append("before_default")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                seen.append("block finished")
+        assert seen == ["block finished", "handler"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    code = (
+        "import os, signal\n"
+        "from qarjax.loop import deferred_stop\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "with deferred_stop(before_default=lambda: print('checkpoint written', flush=True)):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('metrics written', flush=True)\n"
+        "print('not reached', flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGTERM, out.stderr
+    assert out.stdout.splitlines() == ["metrics written", "checkpoint written"]
