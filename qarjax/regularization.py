@@ -382,16 +382,25 @@ class Regularization:
                 )
             # ||dCE/dW||_1 per leaf; before the start step, zeros without the Hessian-vector
             # product it costs (a run's plain epochs would pay 2.5-3x a plain step for 0);
-            # the zeros from the params' dtypes, without tracing the loss a second time
+            # the zeros from the params' dtypes, without tracing the loss a second time.
+            # Not on the CPU: XLA:CPU runs the convolutions inside a conditional's branch
+            # as plain loops, not its convolution kernels (ResNet-20's step 29 s, not 1.4 s,
+            # results/design_measurements.md), so there the product runs from the first step
+            # and its norms are masked until the start
             norms_of = functools.partial(gradient_l1_norms, ce_of_params)
             if step is None:
                 norms = norms_of(params)
             else:
+                started = self.started(step)
 
                 def zeros(p):  # what gradient_l1_norms returns: a scalar per leaf
                     return jax.tree.map(lambda x: jnp.zeros((), x.dtype), p)
 
-                norms = jax.lax.cond(self.started(step), norms_of, zeros, params)
+                def masked(p):
+                    return jax.tree.map(lambda n: jnp.where(started, n, 0), norms_of(p))
+
+                skipped = lambda p: jax.lax.cond(started, norms_of, zeros, p)
+                norms = jax.lax.platform_dependent(params, cpu=masked, default=skipped)
         values = {}
         for s in layers:
             if s.impl.needs_loss:
