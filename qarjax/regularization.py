@@ -384,7 +384,7 @@ class Regularization:
             # product it costs (a run's plain epochs would pay 2.5-3x a plain step for 0);
             # the zeros from the params' dtypes, without tracing the loss a second time.
             # Not on the CPU: XLA:CPU runs the convolutions inside a conditional's branch
-            # as plain loops, not its convolution kernels (ResNet-20's step 29 s, not 1.4 s,
+            # as plain loops, not its convolution kernels (ResNet-20's step 75 s, not 1.4 s,
             # results/design_measurements.md), so there the product runs from the first step
             # and its norms are masked until the start
             norms_of = functools.partial(gradient_l1_norms, ce_of_params)
