@@ -396,7 +396,8 @@ def test_gradient_l1_compiles_no_convolution_inside_a_conditional_on_the_cpu():
         return nnx.grad(lambda m: reg.penalty(m, step=step, loss=ce))(m)
 
     hlo = nnx.jit(grads).lower(model, jnp.int32(4), x, y).compile().as_text()
-    bodies, name = {}, None
+    called = r"(?:branch_computations=\{([^}]*)\}|(?:true|false)_computation=(%[\w.\-]+))"
+    bodies, branches, name = {}, [], None
     for line in hlo.splitlines():
         head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
         if head:
@@ -404,13 +405,9 @@ def test_gradient_l1_compiles_no_convolution_inside_a_conditional_on_the_cpu():
             bodies[name] = []
         elif name:
             bodies[name].append(line)
+        for groups in re.findall(called, line):  # a conditional's branches
+            branches += [b.strip().lstrip("%") for g in groups for b in g.split(",") if b]
     assert any("convolution(" in line for body in bodies.values() for line in body)
-    called = r"(?:branch_computations=\{([^}]*)\}|(?:true|false)_computation=(%[\w.\-]+))"
-    branches = []
-    for line in hlo.splitlines():
-        if " conditional(" in line:
-            for groups in re.findall(called, line):
-                branches += [b.strip().lstrip("%") for g in groups for b in g.split(",") if b]
     assert branches or " conditional(" not in hlo
     assert not [b for b in branches if any("convolution(" in line for line in bodies.get(b, []))]
     # the accelerators' path (lax.cond skips the product before the start) lowers for them

@@ -298,9 +298,8 @@ def test_a_later_k_reuses_the_plain_run_and_the_search_of_an_earlier_sweep(tmp_p
     assert "   search " not in out  # every trial on file
     # the plain and gradient-L1 runs restored, not retrained (their config.json and
     # summary.json still say what they trained with), the K = 2 cells untouched
-    kept = list(before)
-    assert [p for p in kept if p.read_bytes() != before[p]] == []
-    assert any("cnn_small_gradient_l1_kany" in str(p) for p in kept)
+    assert [p for p in before if p.read_bytes() != before[p]] == []
+    assert any("cnn_small_gradient_l1_kany" in str(p) for p in before)
     rows = {p.name: json.loads(p.read_text()) for p in (work / "cells").glob("*_k4_s0.json")}
     methods = ("none+kmeans", "none+uniform", "gradient_l1", "nearest")
     assert set(rows) == {f"cnn_small_{m}_k4_s0.json" for m in methods}
