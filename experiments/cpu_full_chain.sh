@@ -8,7 +8,7 @@
 # results/cifar10_full_cpu_cells: the finished cells; results/cifar10_full_cpu_search: every
 # search's scored trials). This seeds WORKDIR with whatever it lacks of those (it never
 # overwrites a file there), then runs ResNet-20's remaining searches and the cells they
-# choose, one family at a time, then the K = 8 cells of both models and a second seed, at
+# choose, one family at a time, then a second seed and the K = 8 cells of both models, at
 # the lowest CPU priority. Every step resumes: a finished
 # trial or cell is read back, not retrained; rerun this after a stop and it goes on.
 # Run it from a frozen worktree so that edits to the main checkout cannot change its code:
@@ -46,6 +46,17 @@ for family in softmin cosine sine; do
 done
 study "${resnet[@]}" --methods none,gradient_l1 --search-lambdas 1,0.3,0.1 --search-extend 2
 
+# a second seed (before K = 8: the seed spread says which of the K = 2, 4 differences are
+# real) for the K = 4, 2 cells of plain k-means, the best penalty family at K = 2 before
+# tuning (VGG16/4 nearest; ResNet-20 cosine, 70.0 against nearest 68.2, softmin 68.0, sine
+# 64.3 and gradient-L1 56.5, every family searched), DKM and LSQ: each model's plain run at
+# seed 1 first (30 epochs), the cells at their searches' choices (seed 0's records)
+study --models vgg16 --ks 4,2 --seeds 2 --out "$workdir/seed2" --methods none,nearest,dkm,lsq \
+  --search-lambdas 3,1,0.3,0.1 --search-extend 4 --search-start-epochs 28 \
+  --search-inits quantile,uniform
+study --models resnet20 --ks 4,2 --seeds 2 --out "$workdir/seed2" --methods none,cosine,dkm,lsq \
+  --search-lambdas 30,10,3 --search-extend 2
+
 # K = 8: an invocation of its own per model and search grid (a sweep pads K to its largest,
 # so --ks 8,4,2 would make every K = 4, 2 cell stale); the plain and gradient-L1 runs and every
 # search on file (at K = 2) are reused, each family's K = 8 cell trains at its search's choice
@@ -57,14 +68,4 @@ study --models resnet20 "${k8[@]}" --methods gradient_l1 --search-lambdas 1,0.3,
 study --models vgg16 "${k8[@]}" --methods none,sine,cosine,nearest,softmin,gradient_l1,dkm,lsq \
   --search-lambdas 3,1,0.3,0.1 --search-extend 4 --search-start-epochs 28 \
   --search-inits quantile,uniform
-
-# a second seed for the K = 4, 2 cells of plain k-means, the best penalty family at K = 2
-# before tuning (VGG16/4 nearest; ResNet-20 cosine, 70.0 against nearest 68.2, softmin 68.0,
-# sine 64.3 and gradient-L1 56.5, every family searched), DKM and LSQ: each model's plain run at seed 1 first (30 epochs),
-# the cells at their searches' choices (seed 0's records)
-study --models vgg16 --ks 4,2 --seeds 2 --out "$workdir/seed2" --methods none,nearest,dkm,lsq \
-  --search-lambdas 3,1,0.3,0.1 --search-extend 4 --search-start-epochs 28 \
-  --search-inits quantile,uniform
-study --models resnet20 --ks 4,2 --seeds 2 --out "$workdir/seed2" --methods none,cosine,dkm,lsq \
-  --search-lambdas 30,10,3 --search-extend 2
 echo "== $(date -u +%FT%TZ) chain finished"
