@@ -10,14 +10,18 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if not os.environ.get("QARJAX_TEST_NO_COMPILE_CACHE"):
-    # One persistent compilation cache for the session, shared with the CLI subprocesses
-    # (they inherit the environment): the same programs (a model's train step, its
-    # evaluation...) compile once instead of once per Trainer and per process. Fresh per
-    # session, removed at exit.
-    _cache = tempfile.mkdtemp(prefix="qarjax_jax_cache_")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    # One persistent compilation cache for the session, shared by the xdist workers and the
+    # CLI subprocesses (they inherit the environment of the process that made it): the same
+    # programs (a model's train step, its evaluation, its initializers...) compile once
+    # instead of once per Trainer, per worker and per process. Fresh per session, removed at
+    # exit by the process that made it.
+    _cache = os.environ.get("QARJAX_TEST_COMPILE_CACHE")
+    if not _cache or not os.path.isdir(_cache):
+        _cache = tempfile.mkdtemp(prefix="qarjax_jax_cache_")
+        atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+        os.environ["QARJAX_TEST_COMPILE_CACHE"] = _cache
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
