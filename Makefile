@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python experiments/bench_regularizers.py --out runs/bench_regularizers.json
 	$(BIN)/python experiments/bench_quantize.py --out runs/bench_quantize.json
 	$(BIN)/python experiments/bench_stages.py --out runs/bench_stages.json
+	$(BIN)/python experiments/bench_startup.py --out runs/bench_startup.json
 
 lint: install
 	$(BIN)/ruff check qarjax configs experiments tests

@@ -77,7 +77,8 @@ def device_name() -> str:
 
 def cpu_sample() -> tuple[float, float | None, float]:
     """(wall seconds, CPU seconds the whole machine was busy or None off Linux, CPU seconds of
-    this process with all its threads): two samples give `others_cpu_share`."""
+    this process with all its threads and its finished children, a benchmark's own work):
+    two samples give `others_cpu_share`."""
     busy = None
     try:
         with open("/proc/stat") as f:
@@ -86,8 +87,8 @@ def cpu_sample() -> tuple[float, float | None, float]:
         busy = (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         pass
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return time.monotonic(), busy, own.ru_utime + own.ru_stime
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return time.monotonic(), busy, sum(r.ru_utime + r.ru_stime for r in own)
 
 
 def others_cpu_share(start, end, cores: int | None = None) -> float | None:

@@ -46,6 +46,7 @@ import jax
 import numpy as np
 from benchlib import cpu_sample, others_cpu_share
 
+from qarjax import compile_cache
 from qarjax.compress import size_report
 from qarjax.config import load_config
 from qarjax.families import FAMILIES, family
@@ -992,6 +993,7 @@ def lowest_priority() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    compile_cache.enable()  # the next invocation reads the models' programs back
     if args.background:
         print(f"background: {lowest_priority()}", flush=True)
     cells = ordered_cells(args)

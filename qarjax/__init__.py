@@ -15,6 +15,8 @@ model is stored in about log2(K) bits per weight. The public API, on any Flax NN
   Representatives, QuantParam  the variable types of representatives and other quantization
                       params; Regularization, what attach returns
   cpu_compiler_options  the measured XLA:CPU options, for your own ``jax.jit``
+  enable_compilation_cache  a persistent XLA compilation cache: the next process (a kernel
+                      restart, a script's second run) reads its programs back, not compiles
   quantize            a model -> QuantizedModel (indices and codebooks per layer)
   allocate_k          a K per layer for a size budget, from each layer's measured sensitivity
                       (returns an Allocation)
@@ -34,6 +36,7 @@ from qarjax import xla_defaults
 xla_defaults.install_env_defaults()  # before JAX starts its CPU backend, where possible
 
 from qarjax.budget import Allocation, allocate_k  # noqa: E402
+from qarjax.compile_cache import enable as enable_compilation_cache  # noqa: E402
 from qarjax.compress import load_model as load  # noqa: E402
 from qarjax.compress import save_model as save  # noqa: E402
 from qarjax.errors import QarjaxError  # noqa: E402
@@ -64,6 +67,7 @@ __all__ = [
     "attach",
     "cpu_compiler_options",
     "decoupled_pull",
+    "enable_compilation_cache",
     "load",
     "optimizer",
     "quantize",

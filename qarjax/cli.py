@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     # Libraries' own error logs (orbax's background savers) would add lines to the one line a
     # failure gets: the error that reaches here says it.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    from qarjax import compile_cache
+
+    compile_cache.enable()  # the next command on this model reads its programs back
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if in_main_thread else {}
     try:

@@ -23,6 +23,8 @@ if not os.environ.get("QARJAX_TEST_NO_COMPILE_CACHE"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+else:
+    os.environ["QARJAX_COMPILATION_CACHE"] = "0"  # nor the one the CLI keeps in your home
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

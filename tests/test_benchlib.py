@@ -32,3 +32,12 @@ def test_every_json_says_how_busy_the_machine_was(tmp_path, capsys):
     benchlib.write_json(str(path), {"device": "cpu", "results": []})
     written = json.loads(path.read_text())
     assert "others_cpu_share" in written and written["results"] == []
+
+
+def test_a_benchmarks_finished_children_are_its_own_work():
+    import subprocess
+
+    start = benchlib.cpu_sample()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    assert benchlib.cpu_sample()[2] - start[2] >= 0.5  # the child's CPU seconds
