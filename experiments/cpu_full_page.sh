@@ -22,7 +22,7 @@ for kind in cells search; do
   fi
 done
 ks="$(ls results/cifar10_full_cpu_cells | sed -n 's/.*_k\([0-9]*\)_s[0-9]*\.json$/\1/p' | sort -nu | paste -sd,)"
-page=(--scale cpu-full --models resnet20,vgg16 --ks "$ks"
+page=(--scale cpu-full --models resnet20,vgg16 --ks "$ks" --seeds 2
       --methods none,sine,cosine,nearest,softmin,gradient_l1,dkm,lsq
       --out results/cifar10_full_cpu --note-file results/cifar10_full_cpu_note.md)
 if [ -n "${HISTOGRAMS:-}" ]; then  # e.g. HISTOGRAMS=resnet20: redraw that model's figure
