@@ -224,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     # Libraries' own error logs (orbax's background savers) would add lines to the one line a
     # failure gets: the error that reaches here says it.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
-    from qarjax import compile_cache
-
-    compile_cache.enable()  # the next command on this model reads its programs back
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
+        from qarjax import compile_cache
+
+        compile_cache.enable()  # the next command on this model reads its programs back
         run_command(parse_command_line(argv))
     except QarjaxError as e:  # one line, whatever the message (e.g. a library's) holds
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())

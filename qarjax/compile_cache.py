@@ -15,8 +15,9 @@ own script call ``qarjax.enable_compilation_cache()`` before the first compilati
 - ``QARJAX_COMPILATION_CACHE=0`` switches it off. JAX's own setting wins: where
   ``JAX_COMPILATION_CACHE_DIR`` (or ``jax.config.jax_compilation_cache_dir``) is set already,
   `enable` leaves it as it is.
-- Its size: when the folder has grown past `MAX_BYTES` (``$QARJAX_COMPILATION_CACHE_MB``), the
-  entries used longest ago are removed at the next `enable` until it holds half of it.
+- Its size: when its entries have grown past `MAX_BYTES` (``$QARJAX_COMPILATION_CACHE_MB``
+  megabytes), those used longest ago are removed at the next `enable` until they fill half of
+  it (only JAX's entries: nothing else in the folder is touched).
 - A folder that cannot be written (a read-only home) means no cache, not an error; a damaged
   entry (a process killed while writing it) is compiled again (JAX warns and goes on).
 """
@@ -28,9 +29,11 @@ import os
 import platform
 from pathlib import Path
 
+from qarjax.errors import ConfigError
+
 ENV = "QARJAX_COMPILATION_CACHE"
 ENV_MB = "QARJAX_COMPILATION_CACHE_MB"
-MAX_BYTES = 2 << 30  # 2 GiB: a few hundred models' programs (a ResNet-20 process writes ~8 MB)
+MAX_BYTES = 2 << 30  # 2 GiB: thousands of models' programs (each model's: under 1 MB)
 
 
 def host_key() -> str:
@@ -69,6 +72,7 @@ def enable(directory: str | os.PathLike | None = None) -> Path | None:
     """
     import jax
 
+    max_bytes = _max_bytes()  # a bad setting is an error wherever the cache is
     configured = jax.config.jax_compilation_cache_dir
     if configured:
         return Path(configured)
@@ -83,7 +87,7 @@ def enable(directory: str | os.PathLike | None = None) -> Path | None:
         probe.unlink()
     except OSError:
         return None
-    prune(path, _max_bytes())
+    prune(path, max_bytes)
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Every program, the small ones too: a model's initializers are tens of 0.1 s compiles.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -93,24 +97,30 @@ def enable(directory: str | os.PathLike | None = None) -> Path | None:
 
 def _max_bytes() -> int:
     mb = os.environ.get(ENV_MB, "")
-    try:
-        return int(float(mb) * (1 << 20)) if mb else MAX_BYTES
-    except ValueError:
+    if not mb:
         return MAX_BYTES
+    try:
+        value = float(mb)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ConfigError(f"{ENV_MB} must be a positive number of megabytes, got {mb!r}")
+    return int(value * (1 << 20))
 
 
 def prune(path: Path, max_bytes: int) -> int:
-    """Removes the entries of `path` used longest ago (by access, else modification time)
-    until they fill half of `max_bytes`, if they fill more than `max_bytes`; returns how many
-    it removed. An entry another process removes first is skipped."""
+    """Removes the cache entries of `path` used longest ago (by access, else modification
+    time) until they fill half of `max_bytes`, if they fill more than `max_bytes`; returns how
+    many it removed. Only JAX's entries (``*-cache`` files, with their ``*-atime`` records)
+    are counted and removed, whatever else the folder holds; an entry another process removes
+    first is skipped."""
     entries = []
-    for entry in path.iterdir():
+    for entry in path.glob("*-cache"):
         try:
             st = entry.stat()
         except OSError:
             continue
-        if entry.is_file():
-            entries.append((max(st.st_atime, st.st_mtime), st.st_size, entry))
+        entries.append((max(st.st_atime, st.st_mtime), st.st_size, entry))
     total = sum(size for _, size, _ in entries)
     if total <= max_bytes:
         return 0
@@ -120,6 +130,7 @@ def prune(path: Path, max_bytes: int) -> int:
             break
         try:
             entry.unlink()
+            entry.with_name(entry.name.removesuffix("-cache") + "-atime").unlink(missing_ok=True)
         except OSError:
             continue
         total -= size

@@ -57,16 +57,28 @@ def test_off_unwritable_and_jaxs_own_setting(tmp_path):
 def test_an_over_full_folder_loses_its_least_recently_used_entries(tmp_path):
     now = time.time()
     for i in range(10):  # entry i used i hours ago
-        path = tmp_path / f"entry{i}"
+        path = tmp_path / f"jit_f-{i}-cache"
         path.write_bytes(b"x" * 100)
+        (tmp_path / f"jit_f-{i}-atime").write_bytes(b"t")
         os.utime(path, (now - 3600 * i, now - 3600 * i))
+    (tmp_path / "notes.txt").write_bytes(b"y" * 5000)  # not the cache's: never counted or removed
+    os.utime(tmp_path / "notes.txt", (0, 0))
     assert compile_cache.prune(tmp_path, 1000) == 0  # at the limit: kept
     assert compile_cache.prune(tmp_path, 900) == 6  # over it: down to half
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"entry{i}" for i in range(4)]
+    kept = [f"jit_f-{i}-{kind}" for i in range(4) for kind in ("atime", "cache")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "notes.txt"])
 
 
-def test_every_command_turns_it_on(monkeypatch, capsys):
+def test_every_command_turns_it_on_and_a_bad_size_is_one_line(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(compile_cache, "enable", lambda *a: calls.append(a))
     assert cli.main(["train", "--config", "no/such/config.py", "--workdir", "w"]) == 2
     assert calls == [()]
+    capsys.readouterr()
+    monkeypatch.undo()
+    for bad in ("lots", "0", "-5", "nan"):
+        monkeypatch.setenv(compile_cache.ENV_MB, bad)
+        assert cli.main(["train", "--config", "no/such/config.py", "--workdir", "w"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"qarjax: error: {compile_cache.ENV_MB} must be a positive number of "
+                       f"megabytes, got {bad!r}")  # fmt: skip
