@@ -49,6 +49,7 @@ from benchlib import cpu_sample, others_cpu_share
 from qarjax import compile_cache
 from qarjax.compress import size_report
 from qarjax.config import load_config
+from qarjax.errors import QarjaxError
 from qarjax.families import FAMILIES, family
 from qarjax.files import write_atomic, write_json_atomic
 from qarjax.loop import fit
@@ -993,7 +994,10 @@ def lowest_priority() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    compile_cache.enable()  # the next invocation reads the models' programs back
+    try:
+        compile_cache.enable()  # the next invocation reads the models' programs back
+    except QarjaxError as e:
+        raise SystemExit(str(e)) from None
     if args.background:
         print(f"background: {lowest_priority()}", flush=True)
     cells = ordered_cells(args)

@@ -27,10 +27,10 @@ def main() -> int:
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
-    compile_cache.enable()  # a second `make demo` reads its programs back
     began = time.perf_counter()
     reports = {}
     try:
+        compile_cache.enable()  # a second `make demo` reads its programs back
         for label, family in RUNS:
             config = load_config(str(CONFIG), family)
             if args.epochs:

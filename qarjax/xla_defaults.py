@@ -17,7 +17,8 @@ Two entry points, one setting:
   an unknown compiler option only raises).
 - `install_env_defaults()`, run by ``import qarjax``: adds the same setting to XLA_FLAGS for
   the jaxlib versions it was measured on, so a user's own ``nnx.jit`` loop gets it too when
-  qarjax is imported before JAX starts its CPU backend.
+  qarjax is imported before JAX starts its CPU backend (after that, XLA_FLAGS is left alone:
+  XLA has read it, and the compilation cache would file programs under the wrong flags).
 
 Either is skipped when XLA_FLAGS already names the option (yours wins), and both are off with
 ``QARJAX_XLA_DEFAULTS=0``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 VALUE = "LIBRARY_FUSION_TYPE_REDUCE"  # the compiler-option spelling of XLA_FLAGS' "reduce"
@@ -50,10 +52,24 @@ def install_env_defaults() -> bool:
         return False
     if not _wanted() or OPTION in os.environ.get("XLA_FLAGS", ""):
         return False
-    if not jaxlib_version.__version__.startswith(MEASURED_JAXLIB):
+    if not jaxlib_version.__version__.startswith(MEASURED_JAXLIB) or _backend_started():
         return False
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ENV_FLAG).strip()
     return True
+
+
+def _backend_started() -> bool:
+    """Whether JAX has started a backend, which read XLA_FLAGS then: a flag added now would
+    not apply, yet would be part of the persistent compilation cache's keys (it hashes
+    XLA_FLAGS), filing programs compiled without it as compiled with it."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # another jax: assume it has (the safe answer)
+        return True
 
 
 @functools.cache

@@ -1,10 +1,15 @@
 """The persistent compilation cache: a second process reads its programs back; JAX's own
-setting wins; off, unwritable and over-full folders are handled."""
+settings win; off, unwritable, over-full, damaged and unreadable-on-this-CPU caches are
+handled."""
 
 import os
+import stat
 import subprocess
 import sys
 import time
+import zlib
+
+import pytest
 
 from qarjax import cli, compile_cache
 
@@ -23,8 +28,9 @@ print(folder, hits.count("/jax/compilation_cache/cache_hits"), float(y))
 
 
 def run(*argv, **env_changes):
-    unset = ("JAX_COMPILATION_CACHE_DIR", compile_cache.ENV)
-    env = {k: v for k, v in os.environ.items() if k not in unset}
+    """PROGRAM in a fresh process without the suite's cache settings: (folder, hits, value)."""
+    ours = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "QARJAX_COMP")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.update(env_changes)
     out = subprocess.run([sys.executable, "-c", PROGRAM, *map(str, argv)], env=env,
                          capture_output=True, text=True, check=True, timeout=300)  # fmt: skip
@@ -37,36 +43,88 @@ def test_the_second_process_reads_the_first_ones_programs_back(tmp_path):
     assert first[:2] == (str(tmp_path / "cache"), 0) and os.listdir(tmp_path / "cache")
     second = run(tmp_path / "cache")
     assert second[1] >= 1 and second[2] == first[2]  # read back, the same result
-    # the default folder: one per host CPU and jaxlib, under XDG_CACHE_HOME
+    # the default base, and the environment's: a subfolder per host CPU, its owner's only
     folder, _, _ = run(XDG_CACHE_HOME=str(tmp_path / "xdg"))
     assert folder == str(tmp_path / "xdg" / "qarjax" / "xla" / compile_cache.host_key())
-    assert run(QARJAX_COMPILATION_CACHE=str(tmp_path / "env"))[0] == str(tmp_path / "env")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    env = run(QARJAX_COMPILATION_CACHE=str(tmp_path / "env"))[0]
+    assert env == str(tmp_path / "env" / compile_cache.host_key())
 
 
-def test_off_unwritable_and_jaxs_own_setting(tmp_path):
+def test_off_unwritable_and_jaxs_own_settings(tmp_path):
     assert run(QARJAX_COMPILATION_CACHE="0")[0] == "None"
+    assert run(tmp_path / "a", JAX_ENABLE_COMPILATION_CACHE="false")[0] == "None"
     (tmp_path / "file").write_text("")
     assert run(tmp_path / "file" / "cache")[0] == "None"  # cannot be made: no cache, no error
-    # JAX's setting wins
-    assert run(tmp_path / "mine", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))[0] == str(
-        tmp_path / "jax"
-    )
+    no_home = {"HOME": str(tmp_path / "file" / "home"), "XDG_CACHE_HOME": ""}
+    assert run(**no_home)[0] == "None"
+    # JAX's folder wins; so does a minimum compile time you set (this program's is below it)
+    jax_dir = str(tmp_path / "jax")
+    assert run(tmp_path / "mine", JAX_COMPILATION_CACHE_DIR=jax_dir)[0] == jax_dir
     assert not (tmp_path / "mine").exists()
+    run(tmp_path / "slow", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="60")
+    assert not list((tmp_path / "slow").glob("*-cache"))
 
 
-def test_an_over_full_folder_loses_its_least_recently_used_entries(tmp_path):
+def entries(folder, ages_hours, size=100):
     now = time.time()
-    for i in range(10):  # entry i used i hours ago
-        path = tmp_path / f"jit_f-{i}-cache"
-        path.write_bytes(b"x" * 100)
-        (tmp_path / f"jit_f-{i}-atime").write_bytes(b"t")
-        os.utime(path, (now - 3600 * i, now - 3600 * i))
-    (tmp_path / "notes.txt").write_bytes(b"y" * 5000)  # not the cache's: never counted or removed
-    os.utime(tmp_path / "notes.txt", (0, 0))
-    assert compile_cache.prune(tmp_path, 1000) == 0  # at the limit: kept
-    assert compile_cache.prune(tmp_path, 900) == 6  # over it: down to half
-    kept = [f"jit_f-{i}-{kind}" for i in range(4) for kind in ("atime", "cache")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "notes.txt"])
+    for i, age in enumerate(ages_hours):
+        path = folder / f"jit_f-{i}-cache"
+        path.write_bytes(b"x" * size)
+        (folder / f"jit_f-{i}-atime").write_bytes(b"t")
+        os.utime(path, (now - 3600 * age, now - 3600 * age))
+
+
+def test_an_over_full_cache_loses_its_least_recently_used_entries(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    entries(a, range(0, 10, 2))  # entry i of a used 2i hours ago, of b 2i + 1
+    entries(b, range(1, 10, 2))
+    (a / "notes.txt").write_bytes(b"y" * 5000)  # not the cache's: never counted or removed
+    os.utime(a / "notes.txt", (0, 0))
+    assert compile_cache.prune([a, b], 1000) == 0  # at the limit: kept
+    assert compile_cache.prune([a, b], 900) == 6  # over it, summed over both: down to half
+    kept = lambda f: sorted(p.name for p in f.iterdir())  # noqa: E731
+    assert kept(a) == ["jit_f-0-atime", "jit_f-0-cache", "jit_f-1-atime", "jit_f-1-cache",
+                       "notes.txt"]  # fmt: skip
+    assert kept(b) == ["jit_f-0-atime", "jit_f-0-cache", "jit_f-1-atime", "jit_f-1-cache"]
+
+
+def test_enable_prunes_the_bases_cpu_folders_and_only_those(tmp_path):
+    other_cpu = tmp_path / "x86_64-0123456789abcdef"
+    not_ours = tmp_path / "photos"
+    for folder in (other_cpu, not_ours):
+        folder.mkdir()
+        entries(folder, [100] * 8, size=100_000)  # 800 kB each, old
+    run(QARJAX_COMPILATION_CACHE=str(tmp_path), QARJAX_COMPILATION_CACHE_MB="0.5")
+    assert len(list(other_cpu.glob("*-cache"))) == 2  # down to 250 kB
+    assert len(list(not_ours.glob("*-cache"))) == 8
+
+
+def test_damaged_entries_are_removed_and_a_cpu_that_cannot_read_back_gets_none(
+    tmp_path, monkeypatch
+):
+    good, cut = zlib.compress(b"program" * 100), zlib.compress(b"program" * 100)[:20]
+    (tmp_path / "jit_ok-cache").write_bytes(good)
+    (tmp_path / "jit_cut-cache").write_bytes(cut)
+    assert compile_cache.remove_damaged(tmp_path) == 1
+    assert [p.name for p in tmp_path.glob("*-cache")] == ["jit_ok-cache"]
+    (tmp_path / "jit_old_cut-cache").write_bytes(cut)
+    os.utime(tmp_path / "jit_old_cut-cache", (0, 0))  # before the last look: not read again
+    assert compile_cache.remove_damaged(tmp_path) == 0
+
+    from jax.experimental import serialize_executable
+
+    (tmp_path / "fresh").mkdir()
+    assert compile_cache.reads_back(tmp_path / "fresh")  # this CPU's XLA loads its programs
+
+    def rejected(*args, **kwargs):
+        raise RuntimeError("Target machine feature +prefer-no-gather is not supported")
+
+    monkeypatch.setattr(serialize_executable, "deserialize_and_load", rejected)
+    assert not compile_cache.reads_back(tmp_path)
+    monkeypatch.setattr(serialize_executable, "serialize", pytest.fail)
+    assert not compile_cache.reads_back(tmp_path)  # remembered, not tried again
 
 
 def test_every_command_turns_it_on_and_a_bad_size_is_one_line(monkeypatch, capsys):

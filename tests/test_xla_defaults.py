@@ -21,8 +21,8 @@ def test_on_the_cpu_the_option_is_offered_and_compiles():
     assert xla_defaults.compiler_options("gpu") == {} == xla_defaults.compiler_options("tpu")
 
 
-def _flags_after_import(env: dict) -> str:
-    code = "import os, qarjax; print(os.environ.get('XLA_FLAGS', ''))"
+def _flags_after_import(env: dict, before: str = "") -> str:
+    code = before + "import os, qarjax; print(os.environ.get('XLA_FLAGS', ''))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)  # fmt: skip
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
@@ -37,3 +37,7 @@ def test_import_adds_the_flag_unless_set_or_switched_off():
     mine = f"--{xla_defaults.OPTION}=eltwise,reduce"
     assert _flags_after_import({**env, "XLA_FLAGS": mine}) == mine  # yours wins
     assert _flags_after_import({**env, "QARJAX_XLA_DEFAULTS": "0"}) == ""
+    # JAX's CPU backend already started (it has read XLA_FLAGS): left alone
+    started = "import jax, jax.numpy as jnp; jnp.ones(2).block_until_ready(); "
+    assert _flags_after_import(env, before=started) == ""
+    assert (xla_defaults.ENV_FLAG in _flags_after_import(env, before="import jax; ")) == measured
