@@ -2,6 +2,7 @@
 settings win; off, unwritable, over-full, damaged and unreadable-on-this-CPU caches are
 handled."""
 
+import json
 import os
 import stat
 import subprocess
@@ -38,30 +39,58 @@ def run(*argv, **env_changes):
     return folder, int(hits), float(value)
 
 
+PLACES = """
+import json, os, sys
+import jax
+from qarjax import compile_cache
+
+found = {}
+for name, env, directory in json.loads(sys.argv[1]):
+    saved = dict(os.environ)
+    os.environ.update(env)
+    jax.config.update("jax_enable_compilation_cache", env.get("JAX_ENABLE", "1") == "1")
+    found[name] = str(compile_cache.enable(directory))
+    os.environ.clear(), os.environ.update(saved)
+    jax.config.update("jax_compilation_cache_dir", None)  # the next case starts afresh
+print(json.dumps(found))
+"""
+
+
 def test_the_second_process_reads_the_first_ones_programs_back(tmp_path):
     first = run(tmp_path / "cache")
     assert first[:2] == (str(tmp_path / "cache"), 0) and os.listdir(tmp_path / "cache")
     second = run(tmp_path / "cache")
     assert second[1] >= 1 and second[2] == first[2]  # read back, the same result
-    # the default base, and the environment's: a subfolder per host CPU, its owner's only
-    folder, _, _ = run(XDG_CACHE_HOME=str(tmp_path / "xdg"))
-    assert folder == str(tmp_path / "xdg" / "qarjax" / "xla" / compile_cache.host_key())
-    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
-    env = run(QARJAX_COMPILATION_CACHE=str(tmp_path / "env"))[0]
-    assert env == str(tmp_path / "env" / compile_cache.host_key())
 
 
-def test_off_unwritable_and_jaxs_own_settings(tmp_path):
-    assert run(QARJAX_COMPILATION_CACHE="0")[0] == "None"
-    assert run(tmp_path / "a", JAX_ENABLE_COMPILATION_CACHE="false")[0] == "None"
+def test_where_it_goes_and_where_it_is_off(tmp_path):
     (tmp_path / "file").write_text("")
-    assert run(tmp_path / "file" / "cache")[0] == "None"  # cannot be made: no cache, no error
-    no_home = {"HOME": str(tmp_path / "file" / "home"), "XDG_CACHE_HOME": ""}
-    assert run(**no_home)[0] == "None"
-    # JAX's folder wins; so does a minimum compile time you set (this program's is below it)
+    cases = [  # (name, environment, directory)
+        ("default", {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, None),
+        ("base", {"QARJAX_COMPILATION_CACHE": str(tmp_path / "env")}, None),
+        ("off", {"QARJAX_COMPILATION_CACHE": "0"}, None),
+        ("jax off", {"JAX_ENABLE": "0"}, str(tmp_path / "a")),
+        ("unwritable", {}, str(tmp_path / "file" / "cache")),
+        ("no home", {"HOME": str(tmp_path / "file" / "home"), "XDG_CACHE_HOME": ""}, None),
+    ]  # fmt: skip
+    ours = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "QARJAX_COMP")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    out = subprocess.run([sys.executable, "-c", PLACES, json.dumps(cases)], env=env,
+                         capture_output=True, text=True, check=True, timeout=300)  # fmt: skip
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    # a subfolder per host CPU under the base, its owner's only
+    assert found["default"] == str(tmp_path / "xdg" / "qarjax" / "xla" / compile_cache.host_key())
+    assert stat.S_IMODE(os.stat(found["default"]).st_mode) == 0o700
+    assert found["base"] == str(tmp_path / "env" / compile_cache.host_key())
+    # off, or cannot be made: no cache, no error
+    assert [found[k] for k in ("off", "jax off", "unwritable", "no home")] == ["None"] * 4
+
+
+def test_jaxs_own_settings_win(tmp_path):
     jax_dir = str(tmp_path / "jax")
     assert run(tmp_path / "mine", JAX_COMPILATION_CACHE_DIR=jax_dir)[0] == jax_dir
     assert not (tmp_path / "mine").exists()
+    # a minimum compile time you set (this program compiles in less)
     run(tmp_path / "slow", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="60")
     assert not list((tmp_path / "slow").glob("*-cache"))
 
