@@ -40,7 +40,7 @@ def main() -> int:
     except QarjaxError as e:
         print(f"qarjax: error: {e}", file=sys.stderr)
         return 2
-    k = reports[RUNS[0][0]]["k"]
+    k = ", ".join(map(str, reports[RUNS[0][0]]["k"]))  # the distinct K of its layers
     print(f"\ncifar10_mini test accuracy, K = {k} ({time.perf_counter() - began:.0f} s in all)")
     print(f"{'model':<24}{'float':>8}{'pre-tune':>10}{'(no BN)':>9}{'post-tune':>11}{'ratio':>8}")
     for label, r in reports.items():
