@@ -185,8 +185,12 @@ def run_command(args: Invocation) -> None:
     from qarjax.spec import build
 
     spec = build(args.config)  # every value checked, before the workdir is touched
-    _init_distributed(args)
+    _init_distributed(args)  # before anything starts JAX's backend
     import jax
+
+    from qarjax import compile_cache
+
+    compile_cache.enable()  # the next command on this model reads its programs back
 
     from qarjax.loop import workdir_lock
 
@@ -227,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
-        from qarjax import compile_cache
-
-        compile_cache.enable()  # the next command on this model reads its programs back
         run_command(parse_command_line(argv))
     except QarjaxError as e:  # one line, whatever the message (e.g. a library's) holds
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())

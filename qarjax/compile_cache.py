@@ -80,7 +80,9 @@ def enable(directory: str | os.PathLike | None = None) -> Path | None:
     """Turns on JAX's persistent compilation cache for this process; returns its folder.
 
     Programs compiled after the call are cached (call it first thing; a process keeps the
-    first folder JAX used). None where it is off or cannot be used (see the module
+    first folder JAX used). In a multi-process run call it after
+    ``jax.distributed.initialize``: the first time it meets a CPU it compiles a tiny program,
+    which starts JAX's backend. None where it is off or cannot be used (see the module
     docstring); JAX's folder where one is configured already. `directory` is used as given,
     without the per-CPU subfolder.
     """

@@ -93,8 +93,11 @@ def test_two_processes_match_one(folder, tmp_path):
     one = run_cli(*_train_args(folder, tmp_path / "one"), devices=2)
     assert one.returncode == 0, one.stderr
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["JAX_PLATFORMS"] = "cpu"
+    # the processes turn the compilation cache on as a user's do (its own folder, not the
+    # suite's): it must not start JAX's backend before jax.distributed.initialize
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               QARJAX_COMPILATION_CACHE=str(tmp_path / "cache"))  # fmt: skip
     procs = [
         subprocess.Popen(
             [

@@ -11,6 +11,7 @@ import time
 import zlib
 
 import pytest
+from helpers import REPO
 
 from qarjax import cli, compile_cache
 
@@ -156,16 +157,19 @@ def test_damaged_entries_are_removed_and_a_cpu_that_cannot_read_back_gets_none(
     assert not compile_cache.reads_back(tmp_path)  # remembered, not tried again
 
 
-def test_every_command_turns_it_on_and_a_bad_size_is_one_line(monkeypatch, capsys):
+def test_every_command_turns_it_on_and_a_bad_size_is_one_line(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(compile_cache, "enable", lambda *a: calls.append(a))
-    assert cli.main(["train", "--config", "no/such/config.py", "--workdir", "w"]) == 2
-    assert calls == [()]
-    capsys.readouterr()
+    monkeypatch.setattr(cli, "run_in_workdir", lambda *a: calls.append("ran"))
+    monkeypatch.setattr(compile_cache, "enable", lambda *a: calls.append("enabled"))
+    argv = ["train", "--config", str(REPO / "configs" / "demo.py"), "--workdir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert calls == ["enabled", "ran"]
     monkeypatch.undo()
+    monkeypatch.setattr(cli, "run_in_workdir", lambda *a: calls.append("ran"))
     for bad in ("lots", "0", "-5", "nan"):
         monkeypatch.setenv(compile_cache.ENV_MB, bad)
-        assert cli.main(["train", "--config", "no/such/config.py", "--workdir", "w"]) == 2
+        assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err == (f"qarjax: error: {compile_cache.ENV_MB} must be a positive number of "
                        f"megabytes, got {bad!r}")  # fmt: skip
+    assert calls == ["enabled", "ran"]  # refused before any work
