@@ -39,11 +39,11 @@ import hashlib
 import os
 import platform
 import re
-import tempfile
 import zlib
 from pathlib import Path
 
 from qarjax.errors import ConfigError
+from qarjax.files import make_writable_folder
 
 ENV = "QARJAX_COMPILATION_CACHE"
 ENV_MB = "QARJAX_COMPILATION_CACHE_MB"
@@ -102,10 +102,7 @@ def enable(directory: str | os.PathLike | None = None) -> Path | None:
             base = Path(setting).expanduser() if setting else default_dir()
             path = base / host_key()
             folders = [p for p in base.glob("*") if _HOST_FOLDER.fullmatch(p.name)]
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe-")
-        os.close(fd)
-        os.unlink(probe)
+        make_writable_folder(path, mode=0o700)
     except (OSError, RuntimeError, KeyError):  # RuntimeError, KeyError: no home folder
         return None
     if not reads_back(path):

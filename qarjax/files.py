@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from qarjax.errors import QarjaxError, short
 from qarjax.metrics import to_python
+
+
+def make_writable_folder(folder: Path, mode: int = 0o777) -> None:
+    """Creates `folder` (and its parents) if needed and checks that a file can be written in
+    it, with a uniquely named probe (processes on several hosts may share the folder); raises
+    OSError if not. `mode` applies to `folder` itself when it is created."""
+    folder.mkdir(mode=mode, parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".qarjax-write-test-")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_atomic(path, content: bytes | str | Callable[[Path], None], what: str = "file") -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import os
 import shutil
 import signal
 import threading
@@ -27,7 +26,7 @@ from qarjax import spec as spec_lib
 from qarjax.checkpoint import Checkpointer, load_branch_point, load_pretrained
 from qarjax.data import Dataset
 from qarjax.errors import ConfigError, QarjaxError, short
-from qarjax.files import read_json_object, write_atomic, write_json_atomic
+from qarjax.files import make_writable_folder, read_json_object, write_atomic, write_json_atomic
 from qarjax.metrics import MetricsWriter, check_metrics_file
 from qarjax.spec import RunSpec, as_spec
 from qarjax.train import Trainer, TrainState
@@ -85,10 +84,7 @@ def check_writable(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise QarjaxError(f"workdir {workdir} exists and is not a folder")
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".qarjax-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_folder(workdir)
     except OSError as e:
         raise QarjaxError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
