@@ -35,6 +35,7 @@ own script call ``qarjax.enable_compilation_cache()``: programs compiled after i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -52,6 +53,7 @@ _HOST_FOLDER = re.compile(r"[A-Za-z0-9_]+-[0-9a-f]{16}")  # what host_key() name
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+@functools.cache
 def host_key() -> str:
     """A short name for this host's CPU: its architecture, model and instruction-set flags.
 
