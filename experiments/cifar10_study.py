@@ -1016,7 +1016,8 @@ def main(argv=None) -> int:
             for model in args.models:
                 print(f"wrote {weight_histograms(sweep, model, rows, Path(args.out))}")
         summarize(rows, Path(args.out), args, 0.0)
-        print(f"wrote {args.out}.md ({len(rows)} of {len(cells)} cells)")
+        # the flags may name cells no plan runs (every method at every seed): not a progress bar
+        print(f"wrote {args.out}.md ({len(rows)} finished cells, of {len(cells)} these flags name)")
         return 0
     (workdir / "cells").mkdir(parents=True, exist_ok=True)
     sweep = Sweep(args)
