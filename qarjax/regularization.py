@@ -190,7 +190,7 @@ class Regularization:
             n = int(np.size(get_in(tree, path)))
             if fields["family"] != "none" and fields["k"] > n:
                 raise ConfigError(f"k={fields['k']} for {name} exceeds its {n} weights")
-            lam = fields.get("lam", 0.1)
+            lam = fields.get("lam", family(fields["family"]).default_lambda)
             specs.append(LayerSpec(path, fields["k"], lam, fields["family"], weights=n))
         return cls(
             tuple(specs),

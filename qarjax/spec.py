@@ -122,7 +122,7 @@ class RegSpec:
     family: str
     k: int
     k_max: int  # -1: k
-    lam: float
+    lam: float | None  # None: each layer's family's default_lambda
     k_overrides: tuple[tuple[str, int], ...]
     lam_overrides: tuple[tuple[str, float], ...]
     schedule: str
@@ -507,7 +507,8 @@ def _reg(c) -> RegSpec:
     r = c.reg
     family(r.family)  # an unknown name is refused here, with the list
     check_range("reg.k", r.k, 2, MAX_K, integer=True)
-    check_range("reg.lam", r.lam, 0.0, math.inf)
+    if r.lam is not None:
+        check_range("reg.lam", r.lam, 0.0, math.inf)
     if r.schedule not in SCHEDULES:
         raise ConfigError(f"unknown reg.schedule {r.schedule!r}: choose one of {SCHEDULES}")
     _need("reg.warmup_epochs", is_whole(r.warmup_epochs) and r.warmup_epochs >= 0,
@@ -547,7 +548,7 @@ def _reg(c) -> RegSpec:
         family=r.family,
         k=int(r.k),
         k_max=int(r.k_max),
-        lam=float(r.lam),
+        lam=None if r.lam is None else float(r.lam),
         k_overrides=k_over,
         lam_overrides=lam_over,
         schedule=r.schedule,

@@ -181,7 +181,7 @@ def test_rules_full_match_override_in_order_and_report_what_matches_nothing():
         params, [qj.Rule(r".*kernel", family="sine", k=4), qj.Rule(r"out/kernel", lam=2.0)]
     )
     assert [(s.name, s.k, s.lam, s.family) for s in reg.layers] == [
-        ("body/kernel", 4, 0.1, "sine"),
+        ("body/kernel", 4, 0.3, "sine"),  # no lam: sine's default_lambda
         ("out/kernel", 4, 2.0, "sine"),
     ]
     with pytest.raises(ConfigError, match="'ou/kernel' fully matches none of the weight matrices"):
@@ -413,7 +413,7 @@ def test_a_model_file_says_what_made_it(tmp_path):
         "out/kernel": {"method": "kmeans", "k": 4, "family": "linf"},  # no grid: k-means
     }
     assert meta["regularization"]["start_step"] == 7
-    assert meta["regularization"]["layers"]["out/kernel"]["lam"] == 0.1
+    assert meta["regularization"]["layers"]["out/kernel"]["lam"] == 0.01  # linf's default
     plain = qj.quantize(MLP(nnx.Rngs(0)), method="uniform", k=2).metadata["layers"]
     assert plain["body/kernel"] == {"method": "uniform", "k": 2, "family": "none"}
 

@@ -15,6 +15,7 @@ import qarjax as qj
 from qarjax import regularizers as R
 from qarjax.config import default_config, default_reg_config
 from qarjax.errors import ConfigError
+from qarjax.families import family
 from qarjax.models import create_model
 from qarjax.regularization import Regularization
 from qarjax.representatives import QuantParam, Representatives
@@ -60,6 +61,30 @@ def test_selects_kernels_with_overrides():
         "fc1/kernel": (2, 0.1),
         "fc2/kernel": (2, 0.1),
     }
+
+
+def test_lambda_unset_is_each_familys_default_and_a_set_one_wins():
+    """reg.lam unset (the default config) and a Rule without lam take the layer's family's
+    default_lambda (what the full-CIFAR-10 study's searches chose); a lambda given wins."""
+    params = _params(create_model("cnn_small", num_classes=10))
+    expected = {"sine": 0.3, "cosine": 10.0, "nearest": 3.0, "softmin": 3.0,
+                "gradient_l1": 0.001, "linf": 0.01, "dkm": 0.0, "lsq": 0.0}  # fmt: skip
+    assert default_reg_config().lam is None
+    for name, lam in expected.items():
+        assert family(name).default_lambda == lam
+        reg = _from_config(_reg(family=name, k=4, lam_overrides="fc2/.*=0.5"), params,
+                           steps_per_epoch=10)  # fmt: skip
+        got = {s.name: s.lam for s in reg.layers}
+        assert got.pop("fc2/kernel") == 0.5
+        assert set(got.values()) == {lam}, (name, got)
+        assert {s.lam for s in _from_config(_reg(family=name, k=4, lam=0.2), params,
+                                            steps_per_epoch=10).layers} == {0.2}  # fmt: skip
+    # a later rule that changes the family, and no lam, takes the new family's default
+    reg = Regularization.from_rules(
+        params, [qj.Rule(".*kernel", family="nearest", k=4), qj.Rule("fc2/kernel", family="sine")]
+    )
+    assert {s.name: s.lam for s in reg.layers}["fc2/kernel"] == 0.3
+    assert {s.name: s.lam for s in reg.layers}["fc1/kernel"] == 3.0
 
 
 def test_a_configs_rules_through_attach_build_the_same_regularization():

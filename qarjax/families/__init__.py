@@ -23,10 +23,10 @@ Adding a family is one new module (or one class in a notebook)::
 
 ``v`` is the layer's variables by suffix (``range``: the [lo, hi] fixed at the start; ``k``:
 its K, for families with a grid; plus the family's own, e.g. ``reps``); ``s`` the run-wide
-`Settings`. What a sweep needs to know about a family is on its class too: `k_free`,
-`baseline_lambda`, `step_factor`, `has_penalty`, `has_reps`, `padded` and `quantizer` (the
-post-training quantizer ``auto`` means for it: `qarjax.quantize.QUANTIZERS`). The math:
-docs/regularizers.md.
+`Settings`. What a run or a sweep needs to know about a family is on its class too:
+`default_lambda` (where no lambda is given), `k_free`, `baseline_lambda`, `step_factor`,
+`has_penalty`, `has_reps`, `padded` and `quantizer` (the post-training quantizer ``auto``
+means for it: `qarjax.quantize.QUANTIZERS`). The math: docs/regularizers.md.
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ class Family:
     # config's), and the train step's time over the plain step's (experiments/
     # bench_regularizers.py; the figures: results/design_measurements.md).
     baseline_lambda: ClassVar[float | None] = None
+    # lambda where neither a rule nor the config sets one (`Rule.lam` None, ``reg.lam`` unset):
+    # for the paper's families what the full-CIFAR-10 study's searches chose on held-out
+    # images, for ResNet-20 and VGG16/4 alike, under reduction "sum" (README, "All of CIFAR-10
+    # on the CPU"); a family that says nothing gets 0.1.
+    default_lambda: ClassVar[float] = 0.1
     step_factor: ClassVar[float] = 1.1
     has_penalty: ClassVar[bool] = True  # a loss term weighted by lambda (a sweep tunes it)
 
@@ -168,6 +173,7 @@ class NoPenalty(Family):
     """A family without a loss term: none, and the methods that live in the forward pass."""
 
     has_penalty = False
+    default_lambda = 0.0  # weighs no term
 
     def value(self, w, v, s):
         return jnp.zeros((), jnp.float32)

@@ -141,6 +141,7 @@ class _Dynamic(Family):
 
     has_grid = True
     suffixes = ("k", "reps")
+    default_lambda = 3.0  # searched: 3 for nearest and softmin on both models
 
     def variables(self, size):
         return {

@@ -48,6 +48,7 @@ class Linf(Family):
 
     name = "linf"
     baseline_lambda = 0.01  # the study's lambda for this baseline
+    default_lambda = 0.01  # the related paper's; not searched here
 
     def value(self, w, v, s):
         return linf(w)
