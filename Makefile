@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python experiments/bench_quantize.py --out runs/bench_quantize.json
 	$(BIN)/python experiments/bench_stages.py --out runs/bench_stages.json
 	$(BIN)/python experiments/bench_startup.py --out runs/bench_startup.json
+	$(BIN)/python experiments/bench_fusion.py --out runs/bench_fusion.json
 
 lint: install
 	$(BIN)/ruff check qarjax configs experiments tests

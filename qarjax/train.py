@@ -31,6 +31,7 @@ from qarjax import xla_defaults
 from qarjax.device_data import DeviceData, epoch_order, put_replicated
 from qarjax.errors import ConfigError, NonFiniteLossError
 from qarjax.model_def import ModelDef
+from qarjax.models import MODELS
 from qarjax.optim import make_optimizer, reset_quant_state
 from qarjax.spec import DTYPES, SCAN_MODES, as_spec
 from qarjax.steps import TrainState
@@ -136,9 +137,11 @@ class Trainer:
             eval_batch_size=self.data.eval_batch_size,
         )
         self.trace_count = 0
-        # qarjax's measured XLA options for this platform (on a CPU: qarjax.xla_defaults)
-        jit = functools.partial(jax.jit, compiler_options=xla_defaults.compiler_options(
-            self.mesh.devices.flat[0].platform))  # fmt: skip
+        # qarjax's measured XLA options for this platform and model (qarjax.xla_defaults)
+        fusion = xla_defaults.model_fusion(MODELS[spec.model.name])
+        platform = self.mesh.devices.flat[0].platform
+        self.compiler_options = xla_defaults.compiler_options(platform, fusion)
+        jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self._train_chunk = jit(self._counted_chunk, donate_argnums=(0,))
         self._evaluate = jit(functools.partial(steps_lib.evaluate, self.steps))
         self._batch_statistics = jit(functools.partial(steps_lib.batch_statistics, self.steps))

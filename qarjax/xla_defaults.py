@@ -8,7 +8,11 @@ YNNPACK's convolutions, XLA fuses the recomputed batch-norm/ReLU chain of a whol
 stage into the transposes that feed each weight-gradient convolution, which then run with
 strided memory access; YNNPACK's
 elementwise fusions avoid that but split batch norm into one memory pass per op (worse for
-the small CNN). The table of every option tried is in README.md ("Speed on a CPU").
+the small CNN). So a model may ask for YNNPACK's elementwise fusions too, by a class
+attribute ``xla_cpu_fusion = "eltwise,reduce"`` (`FUSIONS`), which the Trainer passes on:
+ResNet-20 does (its train step 0.77x, where VGG16/4's is 1.12x and the small CNN's 1.38x:
+experiments/bench_fusion.py, results/bench_fusion_cpu.json). The table of every option
+tried is in README.md ("Speed on a CPU").
 
 Two entry points, one setting:
 - `compiler_options()`: the options for ``jax.jit(..., compiler_options=...)``, which the
@@ -30,8 +34,15 @@ import functools
 import os
 import sys
 
+from qarjax.errors import ConfigError
+
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
-VALUE = "LIBRARY_FUSION_TYPE_REDUCE"  # the compiler-option spelling of XLA_FLAGS' "reduce"
+# XLA_FLAGS' spelling -> the compiler option's (a repeated enum: comma-separated names)
+FUSIONS = {
+    "reduce": "LIBRARY_FUSION_TYPE_REDUCE",
+    "eltwise,reduce": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
+}
+VALUE = FUSIONS["reduce"]  # the default, for every model that does not ask for another
 ENV_FLAG = f"--{OPTION}=reduce"
 MEASURED_JAXLIB = ("0.10.",)  # versions whose XLA knows the option and was measured
 
@@ -73,28 +84,36 @@ def _backend_started() -> bool:
 
 
 @functools.cache
-def _supported(platform: str) -> bool:
+def _supported(platform: str, value: str) -> bool:
     import jax
     import jax.numpy as jnp
 
     if platform != "cpu" or not _wanted():
         return False
     try:
-        jax.jit(lambda x: x + 1, compiler_options={OPTION: VALUE})(jnp.zeros(()))
+        jax.jit(lambda x: x + 1, compiler_options={OPTION: value})(jnp.zeros(()))
     except Exception:  # an XLA without the option (or another spelling of its values)
         return False
     return True
 
 
-def compiler_options(platform: str | None = None) -> dict[str, str]:
+def compiler_options(platform: str | None = None, fusion: str = "reduce") -> dict[str, str]:
     """The measured XLA options for jitting on `platform` (default: JAX's default backend):
     ``{}`` off the CPU, where XLA lacks the option, or where XLA_FLAGS sets it already.
+    `fusion`: which ops YNNPACK fuses (a key of `FUSIONS`; a model's ``xla_cpu_fusion``).
 
     >>> compiler_options("gpu")
     {}
     """
+    if fusion not in FUSIONS:
+        raise ConfigError(f"unknown xla_cpu_fusion {fusion!r}: choose one of {tuple(FUSIONS)}")
     if platform is None:
         import jax
 
         platform = jax.default_backend()
-    return {OPTION: VALUE} if _supported(platform) else {}
+    return {OPTION: FUSIONS[fusion]} if _supported(platform, FUSIONS[fusion]) else {}
+
+
+def model_fusion(model_class) -> str:
+    """The YNNPACK fusion a model class asks for (its ``xla_cpu_fusion``; default reduce)."""
+    return getattr(model_class, "xla_cpu_fusion", "reduce")

@@ -6,8 +6,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
+from conftest import make_dataset
 
 from qarjax import xla_defaults
+from qarjax.errors import ConfigError
+from qarjax.models import MODELS
+from qarjax.train import Trainer
 
 
 def test_on_the_cpu_the_option_is_offered_and_compiles():
@@ -41,3 +46,26 @@ def test_import_adds_the_flag_unless_set_or_switched_off():
     started = "import jax, jax.numpy as jnp; jnp.ones(2).block_until_ready(); "
     assert _flags_after_import(env, before=started) == ""
     assert (xla_defaults.ENV_FLAG in _flags_after_import(env, before="import jax; ")) == measured
+
+
+def _ynn_fusions(options: dict) -> int:
+    f = jax.jit(lambda x, y: jnp.maximum(x * y + 1.0, 0.0), compiler_options=options)
+    hlo = f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+    return hlo.count("__ynn_fusion")
+
+
+def test_a_model_class_picks_its_fusion_and_the_trainer_compiles_with_it(tiny_config):
+    """ResNet-20 asks YNNPACK to fuse elementwise ops too (its step measured 0.77x, the
+    others' slower: results/bench_fusion_cpu.json); XLA does fuse them then, not by default."""
+    assert xla_defaults.model_fusion(MODELS["resnet20"]) == "eltwise,reduce"
+    assert xla_defaults.model_fusion(MODELS["cnn_small"]) == "reduce"
+    with pytest.raises(ConfigError, match="unknown xla_cpu_fusion 'all'"):
+        xla_defaults.compiler_options("cpu", "all")
+    both = xla_defaults.compiler_options("cpu", "eltwise,reduce")
+    if not xla_defaults.compiler_options("cpu"):  # your XLA_FLAGS name the option: yours win
+        assert both == {}
+        return
+    assert both == {xla_defaults.OPTION: xla_defaults.FUSIONS["eltwise,reduce"]}
+    assert _ynn_fusions(both) >= 1 and _ynn_fusions(xla_defaults.compiler_options("cpu")) == 0
+    tiny_config.model = "resnet20"
+    assert Trainer(tiny_config, make_dataset(n_train=32, n_test=16)).compiler_options == both

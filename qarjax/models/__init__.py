@@ -30,7 +30,10 @@ def register_model(name: str):
 
     The class is built as ``cls(num_classes=, image_shape=(H, W, C), dtype=, rngs=,
     [dropout=])`` and called as ``model(images, train=..., rngs=...)`` on normalized NHWC
-    floats, returning logits; it keeps no state besides nnx.Param and nnx.BatchStat."""
+    floats, returning logits; it keeps no state besides nnx.Param and nnx.BatchStat. A class
+    attribute ``xla_cpu_fusion = "eltwise,reduce"`` asks the Trainer to let XLA:CPU's YNNPACK
+    fuse elementwise ops too (`qarjax.xla_defaults`; default ``"reduce"``): measure your
+    model's step both ways (experiments/bench_fusion.py: ResNet-20's 0.77x, VGG16/4's 1.12x)."""
 
     def add(cls):
         if name in MODELS:
