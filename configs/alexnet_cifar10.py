@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
     # CIFAR-10's recipe whichever way the data loads (an image folder alone would not flip)
     config.augment.crop_padding, config.augment.flip = 4, True
     config.reg.k = 4
+    # the base the study's lambda search multiplies, not a family's best: the CPU study chose
+    # nearest 3, cosine 10 (README); a run of one family: --config.reg.lam=3
     config.reg.lam = 0.1
     config.reg.start_epoch = 30
     return apply_config_arg(config, arg)

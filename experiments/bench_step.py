@@ -8,7 +8,9 @@ Every contender gathers its batch from uint8 images by index, crops each image a
 4-pixel zero padding, flips it at random and normalizes it inside its step (the work qarjax's
 jitted step does on its device). qarjax: `Trainer.train_epoch` over `--steps` steps (the whole
 loop: donation, the loss-finiteness check, metrics). Bare: one `jax.jit` function merging an
-NNX graphdef with its state, optax SGD (Nesterov, weight decay), nothing else. PyTorch (where
+NNX graphdef with its state, optax SGD (Nesterov, weight decay), nothing else, compiled with
+the XLA options qarjax gives that model (`qarjax.xla_defaults.jit_for`: ResNet-20's elementwise
+fusions), so qarjax / bare is the loop's cost, not the options'. PyTorch (where
 importable; never a dependency of the package): the twin in experiments/torch_models.py, with
 channels_last (oneDNN's fast layout on a CPU), on `--torch-threads` threads.
 
@@ -31,6 +33,7 @@ from benchlib import bench_config, cpu_info, device_name, median, synthetic_cifa
 from flax import nnx
 
 from qarjax import data as data_lib
+from qarjax import xla_defaults
 from qarjax.models import create_model
 from qarjax.train import Trainer
 
@@ -75,7 +78,7 @@ def bare_step(name: str, width: float, data, batch_size: int):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss
 
-    step = jax.jit(step, donate_argnums=(0, 1, 2))
+    step = xla_defaults.jit_for(model)(step, donate_argnums=(0, 1, 2))
     state = [params, stats, tx.init(params)]
     n = len(data.train_labels)
 

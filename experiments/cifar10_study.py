@@ -144,6 +144,8 @@ def base_config(model: str, family_name: str, args):
         config.reg.start_epoch = min(max(1, round(share * args.epochs)), args.epochs - 1)
     if family(family_name).baseline_lambda is not None:
         config.reg.lam = family(family_name).baseline_lambda
+    elif config.reg.lam is None:  # a config that leaves it to the family: the search's base
+        config.reg.lam = family(family_name).default_lambda
     config.reg.k_max = max(args.ks)
     # the plain run keeps the branch point (cpu-full: every other epoch, so the validation
     # search can try an earlier start)

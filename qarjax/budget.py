@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qarjax import xla_defaults
 from qarjax.compress import bits_for
 from qarjax.errors import ConfigError, is_number, short
 from qarjax.trees import as_tree, get_in, path_name, set_in
@@ -168,7 +169,7 @@ def allocate_k(
     weights = {path_name(p): int(np.size(get_in(params, p))) for p in layers}
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
 
-    @jax.jit
+    @xla_defaults.jit_for(model)
     def batch_loss(params, batch):
         return loss_fn(nnx.merge(graphdef, params, rest), *batch)
 

@@ -32,7 +32,7 @@ def default_reg_config() -> ml_collections.ConfigDict:
             k=4,
             k_max=-1,  # representatives padded to this length: K can change up to it (-1: k)
             # lambda; unset: the family's own (qarjax.families: Family.default_lambda, e.g.
-            # nearest 3, gradient_l1 0.001: what the full-CIFAR-10 study's searches chose)
+            # nearest 3, gradient_l1 0.001: from the full-CIFAR-10 study's searches)
             lam=ml_collections.config_dict.placeholder(float),
             k_overrides="",
             lam_overrides="",

@@ -36,8 +36,8 @@ class Rule:
     ``exclude=True`` deselects it (a later rule with a family may select it again); the
     others only set fields. A parameter is regularized when its family is not ``none``;
     `k` (levels, >= 2) is required then; `lam` defaults to the family's
-    `default_lambda` (nearest and softmin 3, cosine 10, sine 0.3, gradient_l1 0.001: what the
-    full-CIFAR-10 study's searches chose on held-out images).
+    `default_lambda` (nearest and softmin 3, cosine 10, sine 0.3, gradient_l1 0.001: from the
+    full-CIFAR-10 study's searches on held-out images).
 
     `kernels_only` (default): the rule reaches only weight matrices and conv kernels
     (parameters of 2 or more dimensions, what the config runs select), never a bias, a

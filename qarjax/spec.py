@@ -122,7 +122,7 @@ class RegSpec:
     family: str
     k: int
     k_max: int  # -1: k
-    lam: float | None  # None: each layer's family's default_lambda
+    lam: float  # reg.lam, or where unset the family's default_lambda
     k_overrides: tuple[tuple[str, int], ...]
     lam_overrides: tuple[tuple[str, float], ...]
     schedule: str
@@ -360,16 +360,12 @@ def build(config) -> RunSpec:
     key (`ConfigError`)."""
     c = config.copy_and_resolve_references()
     _need("seed", is_whole(c.seed) and 0 <= c.seed < 2**32, "a whole number in [0, 2**32)", c.seed)
-    return RunSpec(
-        seed=int(c.seed),
-        data=_data(c),
-        model=_model(c),
-        train=_train(c),
-        loop=_loop(c),
-        reg=_reg(c),
-        quant=_quant(c),
-        config=json.loads(c.to_json_best_effort()),
-    )
+    data, model, train, loop = _data(c), _model(c), _train(c), _loop(c)  # checked in order
+    reg, quant = _reg(c), _quant(c)
+    saved = json.loads(c.to_json_best_effort())
+    saved["reg"]["lam"] = reg.lam  # the lambda it trains with, set or the family's (config.json)
+    return RunSpec(seed=int(c.seed), data=data, model=model, train=train, loop=loop, reg=reg,
+                   quant=quant, config=saved)  # fmt: skip
 
 
 def _data(c) -> DataSpec:
@@ -548,7 +544,7 @@ def _reg(c) -> RegSpec:
         family=r.family,
         k=int(r.k),
         k_max=int(r.k_max),
-        lam=None if r.lam is None else float(r.lam),
+        lam=family(r.family).default_lambda if r.lam is None else float(r.lam),
         k_overrides=k_over,
         lam_overrides=lam_over,
         schedule=r.schedule,

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from qarjax import xla_defaults
 from qarjax.errors import ConfigError, QarjaxError, is_number, short
 from qarjax.quantize import QuantizedModel, layers_from_params
 from qarjax.trees import as_tree, get_in, set_in
@@ -166,7 +167,7 @@ def reestimate_batch_stats(
             m.deterministic = False
         graphdef, state = nnx.split(model)
 
-        @jax.jit
+        @xla_defaults.jit_for(model)
         def statistics(state, batch):
             m = nnx.merge(graphdef, state)
             apply(m, *batch)
@@ -249,9 +250,10 @@ def tune(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     tx = codebook_adam([layer.path for layer in q.layers.values()], learning_rate, k_max=k_max)
-    opt_state = jax.jit(tx.init)(params)
+    jit = xla_defaults.jit_for(model)
+    opt_state = jit(tx.init)(params)
 
-    @jax.jit
+    @jit
     def step(params, rest, opt_state, batch):
         def loss_of(p):
             m = nnx.merge(graphdef, p, rest)

@@ -14,13 +14,15 @@ ResNet-20 does (its train step 0.77x, where VGG16/4's is 1.12x and the small CNN
 experiments/bench_fusion.py, results/bench_fusion_cpu.json). The table of every option
 tried is in README.md ("Speed on a CPU").
 
-Two entry points, one setting:
-- `compiler_options()`: the options for ``jax.jit(..., compiler_options=...)``, which the
-  Trainer (train, eval and tuning steps) uses: checked once against the running jaxlib, so
+Two entry points:
+- `compiler_options(platform, fusion)`: the options for ``jax.jit(..., compiler_options=...)``,
+  which the Trainer (train, eval and tuning steps) and `jit_for(model)` (the stages that take
+  a model object) use with the model's fusion: checked once against the running jaxlib, so
   an XLA that does not know them gets none (an unknown XLA_FLAGS entry aborts the process,
   an unknown compiler option only raises).
 - `install_env_defaults()`, run by ``import qarjax``: adds the same setting to XLA_FLAGS for
-  the jaxlib versions it was measured on, so a user's own ``nnx.jit`` loop gets it too when
+  the jaxlib versions it was measured on (fusion reduce: XLA_FLAGS is one per process), so a
+  user's own ``nnx.jit`` loop gets it too when
   qarjax is imported before JAX starts its CPU backend (after that, XLA_FLAGS is left alone:
   XLA has read it, and the compilation cache would file programs under the wrong flags).
 
@@ -117,3 +119,20 @@ def compiler_options(platform: str | None = None, fusion: str = "reduce") -> dic
 def model_fusion(model_class) -> str:
     """The YNNPACK fusion a model class asks for (its ``xla_cpu_fusion``; default reduce)."""
     return getattr(model_class, "xla_cpu_fusion", "reduce")
+
+
+def jit_for(model):
+    """``jax.jit`` with the measured options for `model` (an NNX module or its class) on
+    JAX's default backend: what the Trainer compiles its steps with, for the stages that take
+    a model object (batch-norm re-estimate, codebook tuning, allocate_k).
+
+    >>> class Residual:
+    ...     xla_cpu_fusion = "eltwise,reduce"
+    >>> options = jit_for(Residual).keywords["compiler_options"]
+    >>> options == compiler_options(fusion="eltwise,reduce")
+    True
+    """
+    import jax
+
+    cls = model if isinstance(model, type) else type(model)
+    return functools.partial(jax.jit, compiler_options=compiler_options(fusion=model_fusion(cls)))

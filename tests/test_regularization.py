@@ -2,6 +2,7 @@
 config validation, and the end-to-end effect (weights cluster)."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from qarjax.families import family
 from qarjax.models import create_model
 from qarjax.regularization import Regularization
 from qarjax.representatives import QuantParam, Representatives
-from qarjax.spec import build
+from qarjax.spec import build, saved_differences
 from qarjax.train import Trainer
 from qarjax.trees import get_in
 
@@ -85,6 +86,22 @@ def test_lambda_unset_is_each_familys_default_and_a_set_one_wins():
     )
     assert {s.name: s.lam for s in reg.layers}["fc2/kernel"] == 0.3
     assert {s.name: s.lam for s in reg.layers}["fc1/kernel"] == 3.0
+
+
+def test_a_run_records_the_lambda_it_trains_with_set_or_the_familys():
+    """config.json holds the resolved lambda, so a resume compares what trains: an old run's
+    0.1 against today's unset nearest (3) is a difference, an explicit 3 is none."""
+    unset = default_config()
+    unset.reg.family = "nearest"
+    spec = build(unset)
+    assert spec.reg.lam == spec.config["reg"]["lam"] == 3.0
+    old = json.loads(spec.config_json())
+    assert saved_differences(old, spec) == []
+    old["reg"]["lam"] = 0.1  # a run saved when the default was 0.1 for every family
+    assert saved_differences(old, spec) == [("reg.lam", 0.1, 3.0)]
+    explicit = default_config()
+    explicit.reg.family, explicit.reg.lam = "nearest", 3.0
+    assert saved_differences(json.loads(spec.config_json()), build(explicit)) == []
 
 
 def test_a_configs_rules_through_attach_build_the_same_regularization():

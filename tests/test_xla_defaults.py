@@ -69,3 +69,32 @@ def test_a_model_class_picks_its_fusion_and_the_trainer_compiles_with_it(tiny_co
     assert _ynn_fusions(both) >= 1 and _ynn_fusions(xla_defaults.compiler_options("cpu")) == 0
     tiny_config.model = "resnet20"
     assert Trainer(tiny_config, make_dataset(n_train=32, n_test=16)).compiler_options == both
+
+
+def test_the_stages_that_take_a_model_compile_it_with_its_fusion(monkeypatch):
+    """qj.reestimate_batch_stats (and tune, allocate_k: the same `jit_for`) on ResNet-20
+    compile with its elementwise fusions: the statistics match the default fusion's."""
+    import numpy as np
+    from flax import nnx
+
+    import qarjax as qj
+    from qarjax.models import create_model
+
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    asked_for, real = [], xla_defaults.jit_for
+    monkeypatch.setattr(xla_defaults, "jit_for", lambda m: asked_for.append(m) or real(m))
+    stats, cls = [], MODELS["resnet20"]
+    asked = cls.xla_cpu_fusion
+    for fusion in xla_defaults.FUSIONS:
+        model = create_model("resnet20", num_classes=10, image_shape=(8, 8, 3))
+        cls.xla_cpu_fusion = fusion
+        try:
+            assert real(model).keywords["compiler_options"] == (
+                xla_defaults.compiler_options(fusion=fusion))  # fmt: skip
+            qj.reestimate_batch_stats(model, [x], apply=lambda m, b: m(b, train=True))
+        finally:
+            cls.xla_cpu_fusion = asked
+        stats.append(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+        assert asked_for.pop() is model  # the re-estimate compiled through jit_for(model)
+    for a, b in zip(jax.tree.leaves(stats[0]), jax.tree.leaves(stats[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
