@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from qarjax.errors import ConfigError
-from qarjax.models import count_params, create_model
+from qarjax.models import MODELS, count_params, create_model, register_model
 
 # The README's table; a change here is a change of architecture.
 PARAM_COUNTS = {
@@ -42,6 +42,15 @@ def test_other_image_sizes():
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown model 'resnet9'"):
         create_model("resnet9", num_classes=10)
+
+
+def test_a_model_asking_for_an_unknown_fusion_is_refused_at_registration():
+    class Fused(nnx.Module):
+        xla_cpu_fusion = "everything"
+
+    with pytest.raises(ValueError, match="'fused': xla_cpu_fusion is one of"):
+        register_model("fused")(Fused)
+    assert "fused" not in MODELS
 
 
 def test_max_pool_matches_reduce_window_values_and_gradients():

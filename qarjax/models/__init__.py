@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qarjax import xla_defaults
 from qarjax.errors import ConfigError, short
 from qarjax.models.alexnet import AlexNetCifar
 from qarjax.models.cnn_small import SmallCNN
@@ -38,6 +39,9 @@ def register_model(name: str):
     def add(cls):
         if name in MODELS:
             raise ValueError(f"a model named {name!r} is already registered")
+        fusion, known = xla_defaults.model_fusion(cls), tuple(xla_defaults.FUSIONS)
+        if fusion not in known:
+            raise ValueError(f"model {name!r}: xla_cpu_fusion is one of {known}, not {fusion!r}")
         MODELS[name] = cls
         return cls
 
