@@ -12,7 +12,7 @@ the small CNN). So a model may ask for YNNPACK's elementwise fusions too, by a c
 attribute ``xla_cpu_fusion = "eltwise,reduce"`` (`FUSIONS`), which the Trainer passes on:
 ResNet-20 does (its train step 0.77x, where VGG16/4's is 1.12x and the small CNN's 1.38x:
 experiments/bench_fusion.py, results/bench_fusion_cpu.json). The table of every option
-tried is in README.md ("Speed on a CPU").
+tried is in results/speed_cpu.md.
 
 Two entry points:
 - `compiler_options(platform, fusion)`: the options for ``jax.jit(..., compiler_options=...)``,

@@ -82,7 +82,7 @@ class Family:
     # lambda where neither a rule nor the config sets one (`Rule.lam` None, ``reg.lam`` unset):
     # for the paper's families what the full-CIFAR-10 study's searches chose on held-out
     # images (ResNet-20 and VGG16/4; where they differ, each family says), under reduction
-    # "sum" (README, "All of CIFAR-10 on the CPU"); a family that says nothing gets 0.1.
+    # "sum" (results/cifar10_full_cpu_findings.md); a family that says nothing gets 0.1.
     default_lambda: ClassVar[float] = 0.1
     step_factor: ClassVar[float] = 1.1
     has_penalty: ClassVar[bool] = True  # a loss term weighted by lambda (a sweep tunes it)
