@@ -228,10 +228,13 @@ class Checkpointer:
         self.wait()
         self.manager.close()
 
-    def _remove_unfinished(self, settle: float = 0.2, limit: float = 10.0) -> None:
+    def _remove_unfinished(self, settle: float = 1.0, limit: float = 30.0) -> None:
         """Removes the unfinished save's folder until none is left for `settle` seconds: the
         save's other writer threads may still add files while it is removed (one pass left a
-        half-removed folder behind), so it is removed again until nothing reappears."""
+        half-removed folder behind; orbax reports the first failed write while the others run
+        on), so it is removed again until nothing reappears. On a loaded machine a writer
+        resumed more than 0.2 s after the last removal and left the folder behind (the full
+        suite beside a study), hence a second of quiet."""
         began = last_seen = time.monotonic()
         while time.monotonic() - last_seen < settle and time.monotonic() - began < limit:
             left = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
@@ -243,6 +246,10 @@ class Checkpointer:
     def _failed(self, error: Exception) -> None:
         """A save that failed: its unfinished folder removed (the finished checkpoints stay),
         one QarjaxError line."""
+        try:  # a save that failed in its caller's thread may have started its own thread
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001, S110 - the failure reported below, or its echo
+            pass
         self._remove_unfinished()
         text = str(error)
         if "os_error_code='28'" in text or "No space left" in text:
